@@ -291,7 +291,16 @@ class AltMoEModel(AltMoEPreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        # safetensors only: a pickle checkpoint (pytorch_model.bin) could run arbitrary code when unpickled.
+        kwargs.setdefault("use_safetensors", True)
+        try:
+            model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except Exception as error:  # safetensors' own errors ("HeaderTooLarge") don't say which file is bad
+            if "safetensors" in type(error).__module__ or "deserializ" in str(error):
+                raise OSError(
+                    f"{pretrained_model_name_or_path}: corrupt or truncated safetensors checkpoint ({error})"
+                ) from error
+            raise
         if model.config.connector_only:
             for modality, source in model.config.backbone_sources.items():
                 where = source.get("local_path")
