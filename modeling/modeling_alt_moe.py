@@ -424,37 +424,54 @@ class AltMoEModel(AltMoEPreTrainedModel):
                 f"{target_features.shape[0]} samples"
             )
         candidate = F.normalize(self.connector.candidate_proj[target](target_features), dim=-1)  # (batch, proj)
-        logits = self.logit_scale.exp().clamp(max=100) * query @ candidate.T  # (batch, batch)
-
-        loss = regression = contrastive = aux = z = None
-        if return_loss:
-            regression_fn = F.smooth_l1_loss if config.regression_loss == "smooth_l1" else F.mse_loss
-            regression = regression_fn(predicted, target_features.detach())
-            labels = torch.arange(logits.shape[0], device=logits.device)
-            # Symmetric InfoNCE: each query must find its candidate and each candidate its query.
-            contrastive = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-            aux = load_balancing_loss(out.router_logits, out.top_k_index, config.num_experts)
-            z = router_z_loss(out.router_logits)
-            loss = (
-                config.regression_weight * regression
-                + config.contrastive_weight * contrastive
-                + config.router_aux_loss_coef * aux
-                + config.router_z_loss_coef * z
-            )
-        return AltMoEOutput(
-            loss=loss,
-            regression_loss=regression,
-            contrastive_loss=contrastive,
-            aux_loss=aux,
-            z_loss=z,
-            query_embeds=query,
-            candidate_embeds=candidate,
-            logits_per_query=logits,
-            predicted_features=predicted,
-            target_features=target_features,
-            router_logits=out.router_logits,
-            expert_usage=usage,
+        return alt_moe_loss(
+            config, query, candidate, predicted, target_features, self.logit_scale, out.router_logits,
+            out.top_k_index, return_loss=return_loss,
         )
+
+
+def alt_moe_loss(
+    config: AltMoEConfig,
+    query: torch.Tensor,
+    candidate: torch.Tensor,
+    predicted: torch.Tensor,
+    target_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    router_logits: torch.Tensor | None = None,
+    top_k_index: torch.Tensor | None = None,
+    return_loss: bool = True,
+) -> AltMoEOutput:
+    """One direction's loss: regression of the (standardised) target features + symmetric InfoNCE between queries
+    and candidates + the router's balance and z losses, weighted by the config. Shared with the linear baseline."""
+    # query, candidate: (batch, proj), L2-normalised; predicted, target_features: (batch, feat_t)
+    logits = logit_scale.exp().clamp(max=100) * query @ candidate.T  # (batch, batch)
+    usage = expert_usage(top_k_index, config.num_experts) if top_k_index is not None else None
+    loss = regression = contrastive = aux = z = None
+    if return_loss:
+        regression_fn = F.smooth_l1_loss if config.regression_loss == "smooth_l1" else F.mse_loss
+        regression = regression_fn(predicted, target_features.detach())
+        labels = torch.arange(logits.shape[0], device=logits.device)
+        # Symmetric InfoNCE: each query must find its candidate and each candidate its query.
+        contrastive = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        loss = config.regression_weight * regression + config.contrastive_weight * contrastive
+        if router_logits is not None:
+            aux = load_balancing_loss(router_logits, top_k_index, config.num_experts)
+            z = router_z_loss(router_logits)
+            loss = loss + config.router_aux_loss_coef * aux + config.router_z_loss_coef * z
+    return AltMoEOutput(
+        loss=loss,
+        regression_loss=regression,
+        contrastive_loss=contrastive,
+        aux_loss=aux,
+        z_loss=z,
+        query_embeds=query,
+        candidate_embeds=candidate,
+        logits_per_query=logits,
+        predicted_features=predicted,
+        target_features=target_features,
+        router_logits=router_logits,
+        expert_usage=usage,
+    )
 
 
 def _token_mask(backbone: nn.Module, mask: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor | None:
