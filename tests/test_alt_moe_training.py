@@ -148,3 +148,26 @@ def test_feature_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
     assert calls == [] and again["vision_features"] == first["vision_features"]  # read from the cache
     run(toy_model(feature_layers=1))  # a change of pooling recomputes both modalities
     assert len(calls) == 4
+
+
+def test_backbone_lora_trains_from_raw_inputs_only(tmp_path):
+    from multimodal_moe.training.lora import RawPairCollator, add_backbone_lora
+
+    model = toy_model()
+    add_backbone_lora(model, "text", last_n_layers=1)
+    trainable = [n for n, p in model.backbones.named_parameters() if p.requires_grad]
+    # BERT text backbone: only the last layer's query/value projections carry (trainable) adapters
+    assert trainable and all("lora_" in n and ".layer.1." in n for n in trainable)
+    assert any(".query." in n for n in trainable) and any(".value." in n for n in trainable)
+    with pytest.raises(ValueError, match="refuses the feature cache"):
+        AltMoETrainer(model=model, args=args(tmp_path), train_dataset=toy_features())
+    features = datasets.Features({"name": datasets.Value("string"), "image": datasets.Image()})
+    raw = datasets.Dataset.from_dict({"name": ["red apple", "blue star", "sun", "moon"] * 4,
+                                      "image": tiny_images(16)}, features)
+    collator = RawPairCollator(processor(), {"text": "name", "vision": "image"})
+    trainer = AltMoETrainer(model=model, args=args(tmp_path, max_steps=2, per_device_train_batch_size=8),
+                            train_dataset=raw, data_collator=collator)
+    before = {n: p.detach().clone() for n, p in model.backbones.named_parameters() if "lora_B" in n}
+    trainer.train()
+    changed = [n for n, p in model.backbones.named_parameters() if "lora_B" in n and not torch.equal(p, before[n])]
+    assert changed  # the adapters learned; with a feature cache they could not have

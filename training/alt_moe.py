@@ -112,7 +112,8 @@ class AltMoETrainer(Trainer):
         super().__init__(*args, callbacks=callbacks, **kwargs)
         self.schedule = schedule
         self.args.remove_unused_columns = False  # our collator picks the columns
-        self._check_features_are_fresh(model)
+        if isinstance(self.data_collator, FeaturePairCollator):
+            self._check_features_are_fresh(model)
         self._direction_logs = defaultdict(lambda: defaultdict(float))
         self._direction_counts = defaultdict(int)
 
@@ -123,8 +124,8 @@ class AltMoETrainer(Trainer):
         if backbones is not None and any(p.requires_grad for p in backbones.parameters()):
             raise ValueError(
                 "the backbones have trainable parameters (LoRA?), so pre-stored features would go stale: this trainer "
-                "refuses the feature cache. Train on raw inputs with a model forward that runs the backbones, or "
-                "freeze the backbones."
+                "refuses the feature cache. Train on raw inputs (data_collator=training.lora.RawPairCollator(...)), "
+                "which runs the backbones every step, or freeze the backbones."
             )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -42,7 +42,7 @@ def run_demo(
     quick: bool = False,
     text: str = "minilm-l6",
     vision: str = "dinov2-small",
-    audio: str | None = "whisper-tiny-en",
+    audio: str | None = None,
     max_steps: int | None = None,
     seed: int = 0,
 ) -> dict:
