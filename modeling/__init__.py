@@ -3,11 +3,14 @@
 This file is not copied into checkpoints (nothing below imports it); the flat files next to it are.
 """
 
-from transformers import AutoConfig, AutoModel, AutoProcessor
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 
 from ..processing.processing_alt_moe import AltMoEProcessor
+from ..processing.processing_uni_moe import UniMoEProcessor
 from .configuration_alt_moe import AltMoEConfig
+from .configuration_uni_moe import UniMoEConfig
 from .modeling_alt_moe import AltMoEModel, AltMoEPreTrainedModel
+from .modeling_uni_moe import UniMoEForConditionalGeneration, UniMoEModel, UniMoEPreTrainedModel
 
 
 def _register(config_cls, auto_models: dict, processor_cls=None):
@@ -23,5 +26,24 @@ def _register(config_cls, auto_models: dict, processor_cls=None):
 
 
 _register(AltMoEConfig, {AutoModel: AltMoEModel}, AltMoEProcessor)
+_register(
+    UniMoEConfig,
+    {
+        AutoModel: UniMoEModel,
+        AutoModelForCausalLM: UniMoEForConditionalGeneration,
+        AutoModelForImageTextToText: UniMoEForConditionalGeneration,
+    },
+    UniMoEProcessor,
+)
 
-__all__ = ["AltMoEConfig", "AltMoEModel", "AltMoEPreTrainedModel", "AltMoEProcessor"]
+__all__ = [
+    "AltMoEConfig",
+    "AltMoEModel",
+    "AltMoEPreTrainedModel",
+    "AltMoEProcessor",
+    "UniMoEConfig",
+    "UniMoEForConditionalGeneration",
+    "UniMoEModel",
+    "UniMoEPreTrainedModel",
+    "UniMoEProcessor",
+]
