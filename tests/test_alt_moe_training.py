@@ -171,3 +171,25 @@ def test_backbone_lora_trains_from_raw_inputs_only(tmp_path):
     trainer.train()
     changed = [n for n, p in model.backbones.named_parameters() if "lora_B" in n and not torch.equal(p, before[n])]
     assert changed  # the adapters learned; with a feature cache they could not have
+
+
+def test_two_process_accelerate_launch(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).parent
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # `--cpu` alone starts ONE process unless an MPI launcher runs it; `--multi_gpu` goes through torchrun, and on a
+    # machine without CUDA the Trainer falls back to CPU + gloo: two real DDP processes.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
+           str(tests / "scripts" / "train_toy_ddp.py"), str(tmp_path), str(tests)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["world"] == 2
+    assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], rel=1e-9)  # DDP kept the replicas in sync
+    assert ranks[0]["losses"][-1] < ranks[0]["losses"][0]
