@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 from transformers import AutoConfig, PreTrainedConfig
-from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+from .configuration_common import as_sub_config as _as_config
+from .configuration_common import check_modality
 
 
 MODALITIES = ("text", "vision", "audio")
@@ -146,20 +148,6 @@ class AltMoEConfig(PreTrainedConfig):
             check_modality(modality, self.modalities)
         if not self.contrastive_temperature > 0:
             raise ValueError(f"contrastive_temperature must be > 0, got {self.contrastive_temperature}")
-
-
-def check_modality(modality: str, known) -> None:
-    if modality not in known:
-        raise ValueError(f"unknown modality {modality!r}: this model has {list(known)}")
-
-
-def _as_config(name: str, value) -> PreTrainedConfig | None:
-    if value is None or isinstance(value, PreTrainedConfig):
-        return value
-    if not isinstance(value, dict) or "model_type" not in value:
-        raise ValueError(f"{name} must be a PreTrainedConfig or a dict with a 'model_type', got {type(value).__name__}")
-    value = dict(value)
-    return CONFIG_MAPPING[value.pop("model_type")](**value)
 
 
 __all__ = ["AltMoEConfig"]

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 from transformers import AutoConfig, PreTrainedConfig
-from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+from .configuration_common import as_sub_config as _as_config
+from .configuration_common import check_modality
 
 
 # Index of each modality in the per-token modality ids (`UniMoEForConditionalGeneration.modality_ids`).
@@ -298,20 +300,6 @@ class UniMoEConfig(PreTrainedConfig):
         ids = [i for i in (self.image_token_id, self.video_token_id, self.audio_token_id) if i is not None]
         if len(set(ids)) != len(ids):
             raise ValueError(f"image/video/audio token ids must differ, got {ids}")
-
-
-def check_modality(modality: str, known) -> None:
-    if modality not in known:
-        raise ValueError(f"unknown modality {modality!r}: expected one of {list(known)}")
-
-
-def _as_config(name: str, value) -> PreTrainedConfig | None:
-    if value is None or isinstance(value, PreTrainedConfig):
-        return value
-    if not isinstance(value, dict) or "model_type" not in value:
-        raise ValueError(f"{name} must be a PreTrainedConfig or a dict with a 'model_type', got {type(value).__name__}")
-    value = dict(value)
-    return CONFIG_MAPPING[value.pop("model_type")](**value)
 
 
 __all__ = ["UniMoEConfig"]

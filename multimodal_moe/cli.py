@@ -47,7 +47,7 @@ def _demo(args):
     from .training.demo import run_demo
 
     run_demo(args.output_dir, quick=args.quick, text=args.text, vision=args.vision,
-             audio=args.audio, max_steps=args.max_steps, seed=args.seed)
+             audio=None if args.no_audio else args.audio, max_steps=args.max_steps, seed=args.seed)
     print(args.output_dir)
     return 0
 
@@ -90,8 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="fewer pairs and steps (about 3 minutes)")
     demo.add_argument("--text", default="minilm-l6", help="zoo name, Hub id or folder (e.g. smollm2-135m)")
     demo.add_argument("--vision", default="dinov2-small")
-    demo.add_argument("--audio", help="add a third modality, e.g. whisper-tiny-en (espeak-ng speech of the names); "
-                      "Whisper encodes 30 s windows, so this costs ~0.3 s per pair on 2 cores")
+    demo.add_argument("--audio", default="auto",
+                      help="audio backbone for speech of the names (espeak-ng); default: whisper-tiny-en in the full "
+                      "run, none with --quick (Whisper encodes 30 s windows: ~0.4 s a clip on 2 cores)")
+    demo.add_argument("--no-audio", action="store_true", help="image and text only")
     demo.add_argument("--max-steps", type=int)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
