@@ -76,10 +76,13 @@ class MLPExperts(nn.Module):
     def forward(self, hidden_states, top_k_index, top_k_weights):
         # Eager reference: loop over the experts that received tokens (at most E iterations, not one per token).
         final = torch.zeros_like(hidden_states)  # (tokens, hidden)
+        # unbind once (see SwiGLUExperts): indexing `param[e]` would build a full-size zero gradient per expert
+        up, up_bias = self.up_proj.unbind(0), self.up_proj_bias.unbind(0)
+        down, down_bias = self.down_proj.unbind(0), self.down_proj_bias.unbind(0)
         for expert_idx in top_k_index.unique().tolist():
             token_idx, slot = torch.where(top_k_index == expert_idx)
-            x = F.linear(hidden_states[token_idx], self.up_proj[expert_idx], self.up_proj_bias[expert_idx])
-            x = F.linear(self.act_fn(x), self.down_proj[expert_idx], self.down_proj_bias[expert_idx])
+            x = F.linear(hidden_states[token_idx], up[expert_idx], up_bias[expert_idx])
+            x = F.linear(self.act_fn(x), down[expert_idx], down_bias[expert_idx])
             final.index_add_(0, token_idx, (x * top_k_weights[token_idx, slot, None]).to(final.dtype))
         return final
 
