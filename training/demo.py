@@ -17,13 +17,12 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoFeatureExtractor, AutoImageProcessor, AutoTokenizer, TrainingArguments
+from transformers import TrainingArguments
 
-from ..modeling import AltMoEModel, AltMoEProcessor
-from . import zoo
 from .alt_moe import AltMoETrainer, DirectionSchedule, KeepBestCallback, LinearAlignmentBaseline, direction_name
 from .data import MissingSystemPackageError, add_speech_column, build_emoji_dataset, train_heldout_split
 from .features import feature_statistics, precompute_features
+from .init import alt_moe_from_names
 
 RAW_COLUMNS = {"text": "name", "vision": "image", "audio": "audio"}
 CONNECTOR = dict(
@@ -68,22 +67,12 @@ def run_demo(
         f"{len(split['heldout'])} held-out; modalities {list(modalities)}")
 
     # 2. backbones: zoo names become local HF folders; a Hub id or folder passes through unchanged
-    paths = {m: zoo.resolve(name) for m, name in modalities.items()}
-    sources = {
-        m: {"name_or_path": zoo.ZOO[name].hub_id if name in zoo.ZOO else name, "revision": None, "local_path": paths[m]}
-        for m, name in modalities.items()
-    }
-    model = AltMoEModel.from_backbones(**paths, sources=sources, **CONNECTOR)
+    model, processor = alt_moe_from_names(**modalities, text_template="an emoji of a {text}", **CONNECTOR)
+    sources = model.config.backbone_sources
     if not torch.cuda.is_available():
         # transformers defaults to grouped_mm, which on CPU runs a fallback ~2x slower than the eager expert loop
         # (measured: 256 pairs, 8 experts of 512->1024->512, forward + backward). On GPU grouped_mm wins.
         model.set_experts_implementation("eager")
-    processor = AltMoEProcessor(
-        tokenizer=AutoTokenizer.from_pretrained(paths["text"]),
-        image_processor=AutoImageProcessor.from_pretrained(paths["vision"]),
-        feature_extractor=AutoFeatureExtractor.from_pretrained(paths["audio"]) if "audio" in paths else None,
-        text_template="an emoji of a {text}",
-    )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     say(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable")
 

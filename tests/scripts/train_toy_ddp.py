@@ -3,7 +3,6 @@
 import json
 import sys
 
-import torch
 from transformers import TrainingArguments
 
 sys.path.insert(0, sys.argv[2])  # the tests folder
