@@ -16,6 +16,7 @@ real-time retrieval possible. Hub-safe: imports only torch, transformers and its
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 
@@ -252,24 +253,32 @@ class AltMoEModel(AltMoEPreTrainedModel):
         *,
         revisions: dict[str, str] | None = None,
         sources: dict[str, dict] | None = None,
+        audio_window_seconds: float | None = None,
         **config_kwargs,
     ) -> "AltMoEModel":
         """Build an untrained Alt-MoE model around pretrained backbones (Hub ids or local folders).
 
         `sources` overrides what is recorded in `config.backbone_sources` (e.g. the Hub id of a local copy), which a
         connector-only checkpoint uses to reassemble the model.
+
+        `audio_window_seconds` shortens a Whisper encoder's 30 s window (keeping its first positional embeddings, as
+        whisper.cpp's `audio_ctx` does): a 2 s clip then costs a fraction of a 30 s window. Pair it with a feature
+        extractor built with the same `chunk_length`.
         """
         revisions = revisions or {}
         names = {m: n for m, n in (("text", text), ("vision", vision), ("audio", audio)) if n is not None}
         backbones = {m: load_backbone(m, str(n), revisions.get(m)) for m, n in names.items()}
         recorded = {m: {"name_or_path": str(n), "revision": revisions.get(m)} for m, n in names.items()}
         recorded.update(sources or {})
+        configs = {m: b.config for m, b in backbones.items()}
+        if audio_window_seconds is not None:
+            configs["audio"] = _shorten_whisper_window(configs.get("audio"), audio_window_seconds)
         config = AltMoEConfig(
-            **{f"{m}_config": b.config for m, b in backbones.items()}, backbone_sources=recorded, **config_kwargs
+            **{f"{m}_config": c for m, c in configs.items()}, backbone_sources=recorded, **config_kwargs
         )
         model = cls(config)
         for modality, backbone in backbones.items():
-            model.backbones[modality].load_state_dict(backbone.state_dict())
+            _copy_backbone_weights(model.backbones[modality], backbone)
         return model
 
     def save_pretrained(self, save_directory, *args, connector_only: bool = False, **kwargs):
@@ -307,7 +316,7 @@ class AltMoEModel(AltMoEPreTrainedModel):
                 if not (where and os.path.isdir(where)):
                     where = source["name_or_path"]
                 backbone = load_backbone(modality, where, source.get("revision"))
-                model.backbones[modality].load_state_dict(backbone.state_dict())
+                _copy_backbone_weights(model.backbones[modality], backbone)
                 model.backbones[modality].to(model.dtype)
             model.config.connector_only = False
         return model
@@ -472,6 +481,28 @@ def alt_moe_loss(
         router_logits=router_logits,
         expert_usage=usage,
     )
+
+
+def _shorten_whisper_window(config, seconds: float):
+    if config is None or config.model_type != "whisper":
+        raise ValueError("audio_window_seconds applies to a Whisper audio backbone")
+    if not float(seconds).is_integer():
+        raise ValueError(f"audio_window_seconds must be whole seconds (the feature extractor's chunk_length), got {seconds}")
+    positions = int(seconds) * 50  # Whisper: 100 mel frames/s, halved by the stride-2 conv
+    if not 1 <= positions <= config.max_source_positions:
+        raise ValueError(f"audio_window_seconds must be in (0, {config.max_source_positions / 50:g}], got {seconds}")
+    config = copy.deepcopy(config)
+    config.max_source_positions = positions
+    return config
+
+
+def _copy_backbone_weights(target: nn.Module, source: nn.Module):
+    """Load a pretrained backbone's weights; a shortened Whisper window keeps the first positional embeddings."""
+    state, own = source.state_dict(), target.state_dict()
+    for key, value in state.items():
+        if key.endswith("embed_positions.weight") and key in own and own[key].shape[0] < value.shape[0]:
+            state[key] = value[: own[key].shape[0]]
+    target.load_state_dict(state)
 
 
 def _token_mask(backbone: nn.Module, mask: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor | None:

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -261,3 +262,31 @@ def test_checkpoint_errors_name_the_problem(tmp_path):
     (corrupt / "model.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(OSError, match="corrupt"):
         AltMoEModel.from_pretrained(corrupt)
+
+
+def test_shortened_whisper_window(tmp_path):
+    from transformers import AutoModel, WhisperFeatureExtractor
+
+    torch.manual_seed(0)
+    configs = backbone_configs("bert")
+    for name in ("text", "audio"):
+        AutoModel.from_config(configs[f"{name}_config"]).save_pretrained(tmp_path / name)
+    model = AltMoEModel.from_backbones(
+        text=str(tmp_path / "text"), audio=str(tmp_path / "audio"), audio_window_seconds=2, **CONNECTOR
+    ).eval()
+    full = AutoModel.from_pretrained(tmp_path / "audio").get_encoder()
+    assert model.config.audio_config.max_source_positions == 100  # 2 s x 50 positions/s
+    torch.testing.assert_close(model.backbones["audio"].embed_positions.weight, full.embed_positions.weight[:100])
+    proc = AltMoEProcessor(tiny_tokenizer(), feature_extractor=WhisperFeatureExtractor(feature_size=16, chunk_length=2))
+    inputs = proc(text=TEXTS, audio=tiny_audio(3), sampling_rate=16000)
+    assert inputs["input_features"].shape[-1] == 200
+    with torch.no_grad():
+        expected = model("audio", "text", **inputs).logits_per_query
+    model.save_pretrained(tmp_path / "small", connector_only=True)  # backbones reassembled with the short window
+    with torch.no_grad():
+        reloaded = AltMoEModel.from_pretrained(tmp_path / "small").eval()
+        torch.testing.assert_close(reloaded("audio", "text", **inputs).logits_per_query, expected)
+    with pytest.raises(ValueError, match="at most 2 s"):
+        proc(audio=[np.zeros(16000 * 3, dtype=np.float32)], sampling_rate=16000)
+    with pytest.raises(ValueError, match="Whisper audio backbone"):
+        AltMoEModel.from_backbones(text=str(tmp_path / "text"), vision=str(tmp_path / "text"), audio_window_seconds=2)

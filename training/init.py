@@ -13,7 +13,8 @@ from ..modeling import AltMoEModel, AltMoEProcessor
 from . import zoo
 
 
-def alt_moe_from_names(text=None, vision=None, audio=None, *, text_template=None, **config_kwargs):
+def alt_moe_from_names(text=None, vision=None, audio=None, *, text_template=None, audio_window_seconds=None,
+                       **config_kwargs):
     """(model, processor) around backbones named by zoo name, Hub id or local folder.
 
     Zoo names become local HF folders; the config records each backbone's Hub id (and the local copy), so a
@@ -26,11 +27,14 @@ def alt_moe_from_names(text=None, vision=None, audio=None, *, text_template=None
         m: {"name_or_path": zoo.ZOO[n].hub_id if n in zoo.ZOO else n, "revision": None, "local_path": paths[m]}
         for m, n in names.items()
     }
-    model = AltMoEModel.from_backbones(**paths, sources=sources, **config_kwargs)
+    model = AltMoEModel.from_backbones(**paths, sources=sources, audio_window_seconds=audio_window_seconds,
+                                       **config_kwargs)
+    # the feature extractor pads to the (possibly shortened) Whisper window
+    audio_kwargs = {"chunk_length": int(audio_window_seconds)} if audio_window_seconds else {}
     processor = AltMoEProcessor(
         tokenizer=AutoTokenizer.from_pretrained(paths["text"]) if "text" in paths else None,
         image_processor=AutoImageProcessor.from_pretrained(paths["vision"]) if "vision" in paths else None,
-        feature_extractor=AutoFeatureExtractor.from_pretrained(paths["audio"]) if "audio" in paths else None,
+        feature_extractor=AutoFeatureExtractor.from_pretrained(paths["audio"], **audio_kwargs) if "audio" in paths else None,
         text_template=text_template,
     )
     return model, processor
