@@ -9,7 +9,9 @@ from ..processing.processing_alt_moe import AltMoEProcessor
 from ..processing.processing_uni_moe import UniMoEProcessor
 from .configuration_alt_moe import AltMoEConfig
 from .configuration_uni_moe import UniMoEConfig
+from .configuration_omni_smola import OmniSMoLAConfig
 from .modeling_alt_moe import AltMoEModel, AltMoEPreTrainedModel
+from .modeling_omni_smola import OmniSMoLAForConditionalGeneration, OmniSMoLAPreTrainedModel
 from .modeling_uni_moe import UniMoEForConditionalGeneration, UniMoEModel, UniMoEPreTrainedModel
 
 
@@ -35,12 +37,16 @@ _register(
     },
     UniMoEProcessor,
 )
+_register(OmniSMoLAConfig, {AutoModelForCausalLM: OmniSMoLAForConditionalGeneration})
 
 __all__ = [
     "AltMoEConfig",
     "AltMoEModel",
     "AltMoEPreTrainedModel",
     "AltMoEProcessor",
+    "OmniSMoLAConfig",
+    "OmniSMoLAForConditionalGeneration",
+    "OmniSMoLAPreTrainedModel",
     "UniMoEConfig",
     "UniMoEForConditionalGeneration",
     "UniMoEModel",
