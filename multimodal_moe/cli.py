@@ -1,10 +1,12 @@
-"""The `multimodal-moe` command: zoo | init | demo.
+"""The `multimodal-moe` command: zoo | init | demo | eval | push.
 
     multimodal-moe zoo list
     multimodal-moe zoo fetch dinov2-small                 # prints the local HF folder as its last line
     multimodal-moe init alt-moe --text smollm2-135m --vision dinov2-small --output-dir DIR
     multimodal-moe init uni-moe --llm smollm2-135m --vision dinov2-small --num-experts 4 --top-k 2 --output-dir DIR
     multimodal-moe demo --output-dir runs/demo [--quick]
+    multimodal-moe eval runs/demo/model --benchmark emoji-retrieval --output-dir runs/demo/eval
+    multimodal-moe push runs/demo/model org/alt-moe-demo [--private] [--revision R] [--dry-run]
 """
 
 from __future__ import annotations
@@ -49,6 +51,31 @@ def _demo(args):
     run_demo(args.output_dir, quick=args.quick, text=args.text, vision=args.vision,
              audio=None if args.no_audio else args.audio, max_steps=args.max_steps, seed=args.seed)
     print(args.output_dir)
+    return 0
+
+
+def _eval(args):
+    from .eval.benchmarks import list_benchmarks, markdown_table, run_benchmark
+
+    if args.benchmark == "list":
+        for bench in list_benchmarks():
+            print(f"{bench.name:26} {'offline' if bench.offline else 'Hub':8} {bench.description}")
+        return 0
+    results = run_benchmark(args.model, args.benchmark, output_dir=args.output_dir, batch_size=args.batch_size,
+                            limit=args.limit)
+    print(markdown_table(results))
+    return 0
+
+
+def _push(args):
+    from .model_cards.push import push_checkpoint
+
+    files = push_checkpoint(args.checkpoint, args.repo_id, private=args.private, revision=args.revision,
+                            dry_run=args.dry_run, results=args.results, base_models=args.base_model,
+                            datasets=args.dataset)
+    if args.dry_run:
+        print(f"would upload {len(files)} files to {args.repo_id} (nothing sent):", file=sys.stderr)
+    print("\n".join(files))
     return 0
 
 
@@ -97,6 +124,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-steps", type=int)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
+
+    ev = sub.add_parser("eval", help="run a benchmark; writes results.json and results.md to --output-dir")
+    ev.add_argument("model", help="checkpoint folder or Hub id (loaded with trust_remote_code)")
+    ev.add_argument("--benchmark", required=True, help="benchmark name, or 'list' to list them")
+    ev.add_argument("--output-dir", help="where results.json and results.md go (default: print only)")
+    ev.add_argument("--batch-size", type=int, default=32)
+    ev.add_argument("--limit", type=int, help="first N examples only (emoji-retrieval: glyphs before the split)")
+    ev.set_defaults(func=_eval)
+
+    push = sub.add_parser("push", help="upload a checkpoint (safetensors, code, processor, card, results) to the Hub")
+    push.add_argument("checkpoint", help="checkpoint folder (save_pretrained output)")
+    push.add_argument("repo_id", help="org/name on the Hub (HF_ENDPOINT and HF_TOKEN are honoured)")
+    push.add_argument("--private", action="store_true", help="create the repo private")
+    push.add_argument("--revision", help="branch to push to (created if missing); default main")
+    push.add_argument("--dry-run", action="store_true", help="list the files it would send, send nothing")
+    push.add_argument("--results", help="eval JSON for the card's model-index (default: results.json in the "
+                      "checkpoint folder or its parent)")
+    push.add_argument("--base-model", action="append", help="Hub id of a base model, for the card (repeatable)")
+    push.add_argument("--dataset", action="append", help="training data set, for the card (repeatable)")
+    push.set_defaults(func=_push)
     return parser
 
 
