@@ -222,7 +222,7 @@ def _plots(out: Path, histories: dict, summary: dict, directions):
     axes[0].legend(fontsize=7)
     axes[1].legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(out / "training.png", dpi=110)
+    fig.savefig(out / "training.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
 
     usage = torch.tensor([summary["moe_expert_usage"][n] for n in names])  # (directions, experts)
@@ -236,7 +236,7 @@ def _plots(out: Path, histories: dict, summary: dict, directions):
     ax.set_title("expert usage per direction (held-out)")
     fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
-    fig.savefig(out / "expert_usage.png", dpi=110)
+    fig.savefig(out / "expert_usage.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
