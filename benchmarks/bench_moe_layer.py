@@ -17,15 +17,15 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 import transformers
 from transformers import LlamaConfig, MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+from timing import make_step, time_round_robin  # benchmarks/timing.py
 
 from multimodal_moe.modeling import UniMoEConfig, UniMoEForConditionalGeneration
 from multimodal_moe.modeling.modeling_uni_moe import UniMoESparseMoeBlock
@@ -40,38 +40,10 @@ def scaled(shape):
     return hidden // 8, ffn // 8, experts, top_k, tokens // 16
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
-def make_step(module, x, grad):
-    params = [p for p in module.parameters() if p.requires_grad]
-
-    def step():
-        for p in params:
-            p.grad = None
-        x.grad = None
-        module(x).backward(grad)
-
-    return step
 
 
-def time_round_robin(steps: dict, device, warmup, repeats) -> dict:
-    """Median seconds per step. Steps are interleaved in every repeat, so load from other jobs on a shared machine
-    hits every column alike."""
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    times = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            sync(device)
-            t0 = time.perf_counter()
-            step()
-            sync(device)
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 class DenseSwiGLU(torch.nn.Module):

@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
-import time
 
 import peft
 import torch
@@ -27,12 +25,11 @@ import transformers
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
+from timing import make_step, time_round_robin  # benchmarks/timing.py
+
 from multimodal_moe.modeling.smola_layers import SMoLALinear
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 class LoopMixture(nn.Module):
@@ -65,31 +62,8 @@ class Wrap(nn.Module):
         return self.lin(x)
 
 
-def make_step(module, x, grad):
-    params = [p for p in module.parameters() if p.requires_grad]
-
-    def step():
-        for p in params:
-            p.grad = None
-        x.grad = None
-        module(x).backward(grad)
-
-    return step
 
 
-def time_round_robin(steps: dict, device, warmup: int, repeats: int) -> dict:
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    times = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            sync(device)
-            t0 = time.perf_counter()
-            step()
-            sync(device)
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
 def run(d: int, tokens: int, experts_list, rank: int, device, dtype, warmup: int, repeats: int):
@@ -103,7 +77,7 @@ def run(d: int, tokens: int, experts_list, rank: int, device, dtype, warmup: int
         "frozen base": make_step(base, x, grad),
         "peft LoRA r=8": make_step(lora, x, grad),
     }
-    base_ms = time_round_robin(common, device, warmup, repeats)
+    base_ms = {k: v * 1e3 for k, v in time_round_robin(common, device, warmup, repeats).items()}
     rows = []
     for experts in experts_list:
         smola = SMoLALinear(nn.Linear(d, d, bias=False, **kw), ["shared"], ["shared"], experts, rank, 2.0 * rank)
@@ -111,7 +85,7 @@ def run(d: int, tokens: int, experts_list, rank: int, device, dtype, warmup: int
             smola.lora_B.normal_(0, 0.01)
         loop = LoopMixture(nn.Linear(d, d, bias=False, **kw), experts, rank, 2.0 * rank)
         steps = dict(common, loop=make_step(loop, x, grad), smola=make_step(smola, x, grad))
-        ms = time_round_robin(steps, device, warmup, repeats)
+        ms = {k: v * 1e3 for k, v in time_round_robin(steps, device, warmup, repeats).items()}
         rows.append((experts, ms))
         print(experts, {k: round(v, 2) for k, v in ms.items()}, file=sys.stderr)
     return base_ms, rows
