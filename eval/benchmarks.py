@@ -7,6 +7,10 @@
 
 Offline: `emoji-retrieval` (the project's own emoji data, held-out split). Hub benchmarks (`flickr30k-retrieval`,
 `coco-karpathy-retrieval`) use the same retrieval runner and need internet (datasets.load_dataset).
+Generative Hub benchmarks (`vqav2`, `textvqa`, `clotho-aqa`, `librispeech`) load the model with
+AutoModelForCausalLM + AutoProcessor (trust_remote_code), prompt it through the processor's chat template, generate
+greedily in batches and score the decoded new tokens; their JSON also holds every prediction. Any benchmark also runs
+on a local copy of its data: `data=` (a `save_to_disk` folder or a Dataset) / `multimodal-moe eval ... --data PATH`.
 The results JSON is the layout `model_cards.card.eval_results_from_json` turns into a card's model-index.
 """
 
@@ -74,6 +78,89 @@ BENCHMARKS = {
 }
 
 
+@dataclass(frozen=True)
+class GenerativeBenchmark:
+    """A question answering / transcription benchmark: prompt = placeholder (image or audio) + prompt_template filled
+    with the question column, greedy generation, metric on the decoded new tokens against `references(row)`."""
+
+    name: str
+    description: str
+    dataset_name: str  # for the card's model-index
+    dataset_type: str  # Hub id
+    split: str
+    config: str | None = None  # the Hub data set's configuration (load_dataset's `name`)
+    image_column: str | None = None
+    audio_column: str | None = None
+    question_column: str | None = None
+    answers_column: str = "answers"  # answers per question, or the transcript
+    prompt_template: str = "{question}"
+    max_new_tokens: int = 16
+    metric: str = "vqa_accuracy"
+    extra_metrics: tuple = ()  # further metrics on the same predictions / references (e.g. cer next to wer)
+    references: callable = None  # (answers cell) -> the metric's reference; default: list of answer strings
+    normalize: callable = None  # applied to predictions and references before a non-VQA metric
+    task_type: str = "visual-question-answering"
+    task_name: str = "Visual question answering"
+    offline: bool = False
+    generative: bool = True
+
+    def load(self, limit):
+        import datasets
+
+        split = f"{self.split}[:{limit}]" if limit else self.split
+        return datasets.load_dataset(self.dataset_type, self.config, split=split)
+
+
+def answer_strings(cell) -> list[str]:
+    """Annotator answers as strings: a list of strings, or of {"answer": ...} dicts (VQAv2's layout), or one string."""
+    if isinstance(cell, str):
+        return [cell]
+    if isinstance(cell, dict):  # a column of dicts of lists (datasets' Sequence of a struct)
+        return [str(a) for a in cell["answer"]]
+    return [a["answer"] if isinstance(a, dict) else str(a) for a in cell]
+
+
+def _single_answer(cell) -> str:
+    answers = answer_strings(cell)
+    return max(answers, key=answers.count)  # the majority answer (the first among ties)
+
+
+def _normalize_text(text: str) -> str:
+    """Lower case, punctuation other than apostrophes dropped, whitespace collapsed (for WER / CER and exact match;
+    LibriSpeech transcripts are upper case without punctuation)."""
+    import re
+
+    return " ".join(re.sub(r"[^\w\s']", " ", text.lower()).split())
+
+
+_VQA_PROMPT = "{question}\nAnswer the question using a single word or phrase."
+
+GENERATIVE_BENCHMARKS = [
+    GenerativeBenchmark("vqav2", "visual question answering on VQAv2 val (10 answers per question, VQA accuracy; "
+                        "needs internet)", "VQAv2", "lmms-lab/VQAv2", "validation", image_column="image",
+                        question_column="question", answers_column="answers", prompt_template=_VQA_PROMPT,
+                        max_new_tokens=10),
+    GenerativeBenchmark("textvqa", "scene-text visual question answering on TextVQA val (10 answers per question, "
+                        "VQA accuracy; needs internet)", "TextVQA", "lmms-lab/textvqa", "validation",
+                        image_column="image", question_column="question", answers_column="answers",
+                        prompt_template=_VQA_PROMPT, max_new_tokens=10),
+    GenerativeBenchmark("clotho-aqa", "audio question answering on Clotho-AQA test (yes/no and one-word answers; "
+                        "accuracy = exact match after lower-casing and dropping punctuation; needs internet)",
+                        "Clotho-AQA", "AudioLLMs/clotho_aqa_test", "test", audio_column="context",
+                        question_column="instruction", answers_column="answer",
+                        prompt_template="{question}\nAnswer the question using a single word.", max_new_tokens=8,
+                        metric="accuracy", references=_single_answer, normalize=_normalize_text,
+                        task_type="audio-question-answering", task_name="Audio question answering"),
+    GenerativeBenchmark("librispeech", "speech recognition on LibriSpeech test-clean (WER and CER on lower-cased "
+                        "text without punctuation; needs internet)", "LibriSpeech (test-clean)",
+                        "openslr/librispeech_asr", "test", config="clean", audio_column="audio",
+                        answers_column="text", prompt_template="Transcribe the speech.", max_new_tokens=128,
+                        metric="wer", extra_metrics=("cer",), references=_single_answer, normalize=_normalize_text,
+                        task_type="automatic-speech-recognition", task_name="Automatic speech recognition"),
+]
+BENCHMARKS.update({b.name: b for b in GENERATIVE_BENCHMARKS})
+
+
 def list_benchmarks() -> list[Benchmark]:
     return list(BENCHMARKS.values())
 
@@ -106,13 +193,48 @@ def _rgb(image):
     return image.convert("RGB")
 
 
+def _local_data(data, split, limit):
+    """`data`: a Dataset, or a folder written by save_to_disk (a Dataset, or a DatasetDict: `split`, else its only
+    split); the first `limit` rows."""
+    import datasets
+
+    if isinstance(data, (str, Path)):
+        data = datasets.load_from_disk(str(data))
+    if isinstance(data, datasets.DatasetDict):
+        if split in data:
+            data = data[split]
+        elif len(data) == 1:
+            data = next(iter(data.values()))
+        else:
+            raise ValueError(f"the local data has splits {list(data)}, none named {split!r}")
+    return data.select(range(min(limit, len(data)))) if limit else data
+
+
+def _write(results, output_dir):
+    if output_dir is not None:
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+        (out / "results.md").write_text(markdown_table(results))
+    return results
+
+
 def run_benchmark(model, benchmark: str, *, output_dir=None, processor=None, batch_size: int = 32,
-                  limit: int | None = None, device: str | None = None) -> dict:
-    """Evaluate `model` (an AltMoEModel, or a checkpoint folder / Hub id loaded with trust_remote_code) on a
-    retrieval benchmark; returns the results dict and, with output_dir, writes results.json and results.md there."""
+                  limit: int | None = None, device: str | None = None, data=None,
+                  max_new_tokens: int | None = None) -> dict:
+    """Evaluate `model` on a benchmark; returns the results dict and, with output_dir, writes results.json and
+    results.md there.
+
+    Retrieval benchmarks take an AltMoEModel (or a checkpoint folder / Hub id, loaded with AutoModel); generative ones
+    a model with `generate` (or a folder / Hub id, loaded with AutoModelForCausalLM), both with trust_remote_code.
+    `data`: a local copy of the benchmark's data (a save_to_disk folder or a Dataset, same columns) instead of the
+    Hub / project data. `max_new_tokens` overrides the benchmark's (generative only)."""
     if benchmark not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {benchmark!r}; available: {', '.join(BENCHMARKS)}")
     bench = BENCHMARKS[benchmark]
+    if getattr(bench, "generative", False):
+        return _run_generative(model, bench, output_dir=output_dir, processor=processor, batch_size=batch_size,
+                               limit=limit, device=device, data=data, max_new_tokens=max_new_tokens)
     started = time.time()
     model_id = model if isinstance(model, (str, Path)) else getattr(model, "name_or_path", type(model).__name__)
     if isinstance(model, (str, Path)):
@@ -129,7 +251,7 @@ def run_benchmark(model, benchmark: str, *, output_dir=None, processor=None, bat
     if modalities != ["text", "vision"]:
         raise ValueError(f"{benchmark} needs a model with text and vision, this one has {model.config.modalities}")
 
-    data = bench.load(limit)
+    data = bench.load(limit) if data is None else _local_data(data, bench.split, limit)
     images = data[bench.image_column]
     captions = data[bench.text_column]
     # flatten several captions per image: text i belongs to image image_of_text[i]
@@ -169,12 +291,113 @@ def run_benchmark(model, benchmark: str, *, output_dir=None, processor=None, bat
         "seconds": round(time.time() - started, 1),
         "machine": f"{platform.machine()}, torch {torch.__version__}, {model.device}",
     }
-    if output_dir is not None:
-        out = Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(results, indent=2))
-        (out / "results.md").write_text(markdown_table(results))
-    return results
+    return _write(results, output_dir)
+
+
+def _audio_array(cell, rate):
+    """A waveform at `rate` Hz from an audio cell: {"array", "sampling_rate"} (datasets' Audio), a decoder with
+    get_all_samples() (datasets >= 4 with torchcodec), or a plain sequence of samples (taken as `rate` Hz)."""
+    import numpy as np
+
+    if hasattr(cell, "get_all_samples"):
+        samples = cell.get_all_samples()
+        array, source_rate = samples.data.mean(0).numpy(), samples.sample_rate
+    elif isinstance(cell, dict):
+        array, source_rate = np.asarray(cell["array"], dtype=np.float32), cell.get("sampling_rate") or rate
+    else:
+        array, source_rate = np.asarray(cell, dtype=np.float32), rate
+    if array.ndim > 1:
+        array = array.mean(0)
+    if source_rate != rate:  # linear interpolation: enough for evaluation inputs
+        n = int(round(len(array) * rate / source_rate))
+        array = np.interp(np.linspace(0, len(array) - 1, n), np.arange(len(array)), array)
+    return np.asarray(array, dtype=np.float32)
+
+
+def _prompt(bench, processor, question):
+    placeholder = [m for m, col in (("image", bench.image_column), ("audio", bench.audio_column)) if col]
+    text = bench.prompt_template.format(question=question if question is not None else "")
+    if getattr(processor, "chat_template", None):
+        content = [{"type": m} for m in placeholder] + [{"type": "text", "text": text}]
+        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    tokens = {"image": getattr(processor, "image_token", "<image>"), "audio": getattr(processor, "audio_token",
+                                                                                        "<audio>")}
+    return "".join(tokens[m] for m in placeholder) + text
+
+
+@torch.no_grad()
+def _run_generative(model, bench, *, output_dir, processor, batch_size, limit, device, data, max_new_tokens):
+    started = time.time()
+    model_id = model if isinstance(model, (str, Path)) else getattr(model, "name_or_path", type(model).__name__)
+    if isinstance(model, (str, Path)):
+        from transformers import AutoModelForCausalLM, AutoProcessor
+
+        from .. import modeling  # noqa: F401  (registers the Auto classes; the checkpoint's own code works too)
+
+        processor = processor or AutoProcessor.from_pretrained(str(model), trust_remote_code=True)
+        model = AutoModelForCausalLM.from_pretrained(str(model), trust_remote_code=True)
+    if processor is None:
+        raise ValueError("pass the processor with an in-memory model")
+    model = model.eval().to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    for column, sub in ((bench.image_column, "vision_config"), (bench.audio_column, "audio_config")):
+        if column and hasattr(model.config, sub) and getattr(model.config, sub) is None:
+            raise ValueError(f"{bench.name} needs a model with {sub.split('_')[0]} input; this one has no {sub}")
+    tokenizer = getattr(processor, "tokenizer", processor)
+    tokenizer.padding_side = "left"  # generation continues from the last position of every row
+    data = bench.load(limit) if data is None else _local_data(data, bench.split, limit)
+    rate = getattr(getattr(processor, "feature_extractor", None), "sampling_rate", 16000)
+    max_new = max_new_tokens or bench.max_new_tokens
+
+    records = []
+    for idx in tqdm(_batches(len(data), batch_size), desc=bench.name, leave=False):
+        rows = data.select(idx)
+        questions = rows[bench.question_column] if bench.question_column else [None] * len(idx)
+        kwargs = {"text": [_prompt(bench, processor, q) for q in questions]}
+        if bench.image_column:
+            kwargs["images"] = [_rgb(im) for im in rows[bench.image_column]]
+        if bench.audio_column:
+            kwargs["audio"] = [_audio_array(a, rate) for a in rows[bench.audio_column]]
+        inputs = processor(**kwargs)
+        inputs = {k: (v.to(model.device, dtype=model.dtype) if v.is_floating_point() else v.to(model.device))
+                  if hasattr(v, "to") else v for k, v in dict(inputs).items()}
+        out = model.generate(**inputs, max_new_tokens=max_new, do_sample=False)
+        texts = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        for i, q, text, cell in zip(idx, questions, texts, rows[bench.answers_column]):
+            ref = bench.references(cell) if bench.references else answer_strings(cell)
+            records.append({"index": i, "question": q, "prediction": text.strip(), "references": ref})
+
+    predictions = [r["prediction"] for r in records]
+    references = [r["references"] for r in records]
+    if bench.normalize is not None:
+        predictions = [bench.normalize(p) for p in predictions]
+        references = [[bench.normalize(a) for a in r] if isinstance(r, list) else bench.normalize(r)
+                      for r in references]
+    scores = {}
+    for name in (bench.metric, *bench.extra_metrics):
+        computed = load_metric(name).compute(predictions=predictions, references=references)
+        if name == "vqa_accuracy":
+            for record, score in zip(records, computed["vqa_accuracy_per_example"]):
+                record["score"] = score
+        scores.update({k: v for k, v in computed.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                       and (k == name or name not in ("wer", "cer"))})
+    results = {
+        "benchmark": bench.name,
+        "description": bench.description,
+        "model": str(model_id),
+        "task_type": bench.task_type,
+        "task_name": bench.task_name,
+        "dataset": {"name": bench.dataset_name, "type": bench.dataset_type, "split": bench.split,
+                    "config": bench.config, "examples": len(records), "limit": limit,
+                    "local": None if data is None or not isinstance(data, (str, Path)) else str(data)},
+        "metric": bench.metric,
+        "metrics": {"all": scores},
+        "generation": {"prompt_template": bench.prompt_template, "max_new_tokens": max_new, "do_sample": False,
+                       "chat_template": bool(getattr(processor, "chat_template", None))},
+        "predictions": records,
+        "seconds": round(time.time() - started, 1),
+        "machine": f"{platform.machine()}, torch {torch.__version__}, {model.device}",
+    }
+    return _write(results, output_dir)
 
 
 def markdown_table(results: dict) -> str:
@@ -182,12 +405,13 @@ def markdown_table(results: dict) -> str:
     groups = results["metrics"]
     columns = list(dict.fromkeys(k for values in groups.values() for k in values))
     ds = results["dataset"]
+    size = f"{ds['examples']} examples" if "examples" in ds else f"{ds['images']} images, {ds['texts']} texts"
     lines = [
         f"## {results['benchmark']}: {results['model']}",
         "",
-        f"{ds['name']} ({ds['split']}): {ds['images']} images, {ds['texts']} texts.",
+        f"{ds['name']} ({ds['split']}): {size}.",
         "",
-        "| direction | " + " | ".join(columns) + " |",
+        ("| subset | " if "examples" in ds else "| direction | ") + " | ".join(columns) + " |",
         "|---" * (len(columns) + 1) + "|",
     ]
     for group, values in groups.items():

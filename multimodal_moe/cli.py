@@ -62,7 +62,7 @@ def _eval(args):
             print(f"{bench.name:26} {'offline' if bench.offline else 'Hub':8} {bench.description}")
         return 0
     results = run_benchmark(args.model, args.benchmark, output_dir=args.output_dir, batch_size=args.batch_size,
-                            limit=args.limit)
+                            limit=args.limit, data=args.data, max_new_tokens=args.max_new_tokens)
     print(markdown_table(results))
     return 0
 
@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--output-dir", help="where results.json and results.md go (default: print only)")
     ev.add_argument("--batch-size", type=int, default=32)
     ev.add_argument("--limit", type=int, help="first N examples only (emoji-retrieval: glyphs before the split)")
+    ev.add_argument("--data", help="a local copy of the benchmark's data (a datasets save_to_disk folder with the same "
+                    "columns) instead of downloading it")
+    ev.add_argument("--max-new-tokens", type=int, help="generative benchmarks: override the benchmark's budget")
     ev.set_defaults(func=_eval)
 
     push = sub.add_parser("push", help="upload a checkpoint (safetensors, code, processor, card, results) to the Hub")

@@ -86,6 +86,10 @@ def model():
 
 @pytest.fixture(scope="module")
 def processor():
+    return make_processor()
+
+
+def make_processor():
     tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
