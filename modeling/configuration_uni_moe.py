@@ -49,7 +49,8 @@ class UniMoEConfig(PreTrainedConfig):
             has one), "full" keeps it.
         audio_feature_layer (`int`, defaults to -1): hidden-state index taken from the audio encoder.
         moe_layers (`str` or `list[int]`, defaults to "all"): which decoder layers get a sparse MoE FFN: "all", or
-            "interval" (every `moe_layer_interval`-th layer, starting at `moe_layer_offset`), or an explicit list.
+            "interval" (every `moe_layer_interval`-th layer, starting at `moe_layer_offset`), or an explicit list. An
+            empty list keeps every FFN dense: the dense multimodal model of Uni-MoE's stages 1 and 2.
         moe_layer_interval (`int`, defaults to 1), moe_layer_offset (`int`, defaults to 0): see `moe_layers`.
         num_experts (`int`, defaults to 4), num_experts_per_tok (`int`, defaults to 2): expert count and top-k.
         expert_intermediate_size (`int`, *optional*): width of each SwiGLU expert, defaults to the LLM's
@@ -285,8 +286,10 @@ class UniMoEConfig(PreTrainedConfig):
                 f"moe_layers must be 'all', 'interval' or a list of layer indices, got {self.moe_layers!r}"
             )
         n_layers = self.text_config.num_hidden_layers
-        if not self.moe_layer_indices or any(not 0 <= i < n_layers for i in self.moe_layer_indices):
-            raise ValueError(f"moe layers {self.moe_layer_indices} must be a non-empty subset of range({n_layers})")
+        if any(not 0 <= i < n_layers for i in self.moe_layer_indices):
+            raise ValueError(f"moe layers {self.moe_layer_indices} must be a subset of range({n_layers})")
+        if self.moe_layers == "interval" and not self.moe_layer_indices:
+            raise ValueError(f"moe_layer_offset {self.moe_layer_offset} leaves no MoE layer in range({n_layers})")
         for modality, experts in self.modality_expert_map.items():
             check_modality(modality, MODALITIES)
             if not experts or any(not 0 <= e < self.num_experts for e in experts):

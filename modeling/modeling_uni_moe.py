@@ -549,6 +549,9 @@ class UniMoEForConditionalGeneration(UniMoEPreTrainedModel, GenerationMixin):
         past + seq) 2D, its last `seq` columns mark the tokens of this forward.
         """
         cfg = self.config
+        if not router_logits:  # a dense model (moe_layers=[]): no router, no auxiliary loss
+            zero = torch.zeros((), device=self.lm_head.weight.device)
+            return dict.fromkeys(("balance_loss", "z_loss", "modality_expert_loss", "modality_kl_loss", "aux_loss"), zero)
         logits0 = router_logits[0]
         keep = None
         if attention_mask is not None and attention_mask.ndim == 2:
@@ -704,6 +707,7 @@ class UniMoEForConditionalGeneration(UniMoEPreTrainedModel, GenerationMixin):
         upcycle_noise: float = 0.0,
         dtype: torch.dtype = torch.float32,
         seed: int | None = 0,
+        audio_window_seconds: int | None = None,
         **config_kwargs,
     ) -> "UniMoEForConditionalGeneration":
         """Upcycles a dense LLM into a Uni-MoE model and copies the pretrained encoders in.
@@ -719,12 +723,24 @@ class UniMoEForConditionalGeneration(UniMoEPreTrainedModel, GenerationMixin):
             tokenizer (*optional*): the LLM's tokenizer. Placeholder tokens `<image>`, `<video>`, `<audio>` (for the
                 modalities given) are added to it in place and their ids used; without it they take fresh ids appended
                 after the LLM's vocabulary. The embedding matrix grows to cover the new ids.
+            audio_window_seconds (*optional*): shortens Whisper's 30 s window to this many seconds by keeping its first
+                positional embeddings (whisper.cpp's `audio_ctx`); short clips then cost a fraction of a 30 s window.
+                Pair it with a feature extractor whose `chunk_length` is the same.
             config_kwargs: any other [`UniMoEConfig`] argument (connector types, moe_layers, loss coefficients...).
         """
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         dense = AutoModelForCausalLM.from_pretrained(llm, dtype=dtype)
         vision_model = _load_vision_encoder(vision, dtype) if vision is not None else None
         audio_encoder = _load_audio_encoder(audio, dtype) if audio is not None else None
+        audio_state = audio_encoder.state_dict() if audio_encoder is not None else None
+        if audio_window_seconds is not None:
+            limit = audio_encoder.config.max_source_positions if audio_encoder is not None else 0
+            if not 1 <= int(audio_window_seconds) * 50 <= limit:
+                raise ValueError(f"audio_window_seconds={audio_window_seconds} needs a Whisper encoder with at least "
+                                 "that many seconds of positions")
+            positions = int(audio_window_seconds) * 50  # 100 mel frames/s, halved by Whisper's stride-2 conv
+            audio_encoder.config.max_source_positions = positions
+            audio_state["embed_positions.weight"] = audio_state["embed_positions.weight"][:positions]
 
         # Placeholder ids: the tokenizer's (added in place) or fresh ids after the vocabulary.
         wanted = (["image", "video"] if vision is not None else []) + (["audio"] if audio is not None else [])
@@ -778,7 +794,7 @@ class UniMoEForConditionalGeneration(UniMoEPreTrainedModel, GenerationMixin):
             if vision_model is not None:
                 model.model.vision_tower.load_state_dict(vision_model.state_dict())
             if audio_encoder is not None:
-                model.model.audio_tower.load_state_dict(audio_encoder.state_dict())
+                model.model.audio_tower.load_state_dict(audio_state)
         if getattr(dense, "generation_config", None) is not None:
             # Keep the LLM's generation defaults (eos of its chat format...), never generating a placeholder.
             model.generation_config = copy.deepcopy(dense.generation_config)

@@ -15,6 +15,7 @@ def build_uni_moe(
     *,
     upcycle_noise: float = 0.0,
     dtype: str = "float32",
+    audio_window_seconds: int | None = None,
     **config_kwargs,
 ) -> str:
     """Upcycles the dense LLM `llm` into a Uni-MoE with `num_experts` experts (top-`top_k`), adds the vision / audio
@@ -22,6 +23,7 @@ def build_uni_moe(
     with `trust_remote_code=True` where multimodal_moe is not installed). Returns `output_dir`.
 
     `llm`, `vision`, `audio`: zoo names (`smollm2-135m`, `dinov2-small`, `whisper-tiny-en`), local folders or Hub ids.
+    `audio_window_seconds`: a Whisper window shorter than 30 s (feature extractor and encoder positions both cut).
     `config_kwargs`: any other `UniMoEConfig` argument (connector types, moe_layers, loss coefficients...).
     """
     import torch
@@ -36,7 +38,8 @@ def build_uni_moe(
 
     tokenizer = AutoTokenizer.from_pretrained(llm_path)
     image_processor = AutoImageProcessor.from_pretrained(vision_path) if vision_path else None
-    feature_extractor = AutoFeatureExtractor.from_pretrained(audio_path) if audio_path else None
+    audio_kwargs = {"chunk_length": int(audio_window_seconds)} if audio_window_seconds else {}
+    feature_extractor = AutoFeatureExtractor.from_pretrained(audio_path, **audio_kwargs) if audio_path else None
     if image_processor is not None and "vision_image_size" not in config_kwargs:
         # The encoder sees what the image processor outputs (DINOv2: crops 224 although its config says 518).
         config_kwargs["vision_image_size"] = _processed_image_size(image_processor)
@@ -49,6 +52,7 @@ def build_uni_moe(
         num_experts_per_tok=top_k,
         tokenizer=tokenizer,  # gets the <image> / <video> / <audio> tokens
         upcycle_noise=upcycle_noise,
+        audio_window_seconds=audio_window_seconds,
         dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype,
         **config_kwargs,
     )
