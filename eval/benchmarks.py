@@ -103,9 +103,13 @@ class GenerativeBenchmark:
     task_name: str = "Visual question answering"
     offline: bool = False
     generative: bool = True
+    local_task: str | None = None  # an offline task of training/data/tasks.py (its held-out split)
 
     def load(self, limit):
         import datasets
+
+        if self.local_task is not None:
+            return _task_rows(self.local_task, limit)
 
         split = f"{self.split}[:{limit}]" if limit else self.split
         return datasets.load_dataset(self.dataset_type, self.config, split=split)
@@ -133,6 +137,27 @@ def _normalize_text(text: str) -> str:
     return " ".join(re.sub(r"[^\w\s']", " ", text.lower()).split())
 
 
+def _task_rows(task, limit):
+    """An offline task's held-out conversations as benchmark columns: image / audio, and the answer."""
+    import datasets
+
+    from ..training.data.tasks import build_task_dataset, load_audio, reference_answers
+
+    data = build_task_dataset(task, "heldout", limit=limit, progress=False)
+    columns = {"answer": reference_answers(data)}
+    if any(data["images"]):
+        columns["image"] = [images[0] for images in data["images"]]
+    if any(data["audio"]):
+        columns["audio"] = [{"array": load_audio(a[0]), "sampling_rate": 16000} for a in data["audio"]]
+    return datasets.Dataset.from_dict(columns)
+
+
+def _task_prompt(task):
+    from ..training.data.tasks import PROMPTS
+
+    return PROMPTS[task].split("\n", 1)[1]  # the text after the "<image>\n" / "<audio>\n" placeholder line
+
+
 _VQA_PROMPT = "{question}\nAnswer the question using a single word or phrase."
 
 GENERATIVE_BENCHMARKS = [
@@ -157,6 +182,34 @@ GENERATIVE_BENCHMARKS = [
                         answers_column="text", prompt_template="Transcribe the speech.", max_new_tokens=128,
                         metric="wer", extra_metrics=("cer",), references=_single_answer, normalize=_normalize_text,
                         task_type="automatic-speech-recognition", task_name="Automatic speech recognition"),
+]
+# Offline generative benchmarks: the held-out splits of the project's own tasks (training/data/tasks.py), prompted
+# exactly as in training. `--limit`: emoji glyphs before the split (caption, transcribe), test images (classify).
+_OFFLINE = dict(offline=True, question_column=None, answers_column="answer", normalize=_normalize_text,
+                dataset_type="multimodal-moe-offline", split="heldout")
+GENERATIVE_BENCHMARKS += [
+    GenerativeBenchmark("emoji-caption", "emoji image -> its Unicode name, held-out glyphs (names unseen in "
+                        "training; ROUGE-L, BLEU-4, CIDEr-D against the one reference)", "Emoji names (offline)",
+                        image_column="image", prompt_template=_task_prompt("caption"), max_new_tokens=12,
+                        metric="rouge", extra_metrics=("bleu", "cider"), local_task="caption",
+                        task_type="image-to-text", task_name="Image captioning", **_OFFLINE),
+    GenerativeBenchmark("fashion-classify", "Fashion-MNIST test images -> class name (accuracy of the normalised "
+                        "answer)", "Fashion-MNIST (offline)", image_column="image",
+                        prompt_template=_task_prompt("classify"), max_new_tokens=6, metric="accuracy",
+                        references=_single_answer, local_task="classify", task_type="image-classification",
+                        task_name="Image classification", **_OFFLINE),
+    GenerativeBenchmark("speech-transcribe", "espeak-ng speech of held-out emoji names -> text (WER, CER)",
+                        "Spoken emoji names (offline)", audio_column="audio",
+                        prompt_template=_task_prompt("transcribe"), max_new_tokens=12, metric="wer",
+                        extra_metrics=("cer",), references=_single_answer, local_task="transcribe",
+                        task_type="automatic-speech-recognition", task_name="Automatic speech recognition",
+                        **_OFFLINE),
+    GenerativeBenchmark("librivox", "real read speech: 5 LibriVox sentences and 5 spoken card clips from "
+                        "pocketsphinx-testdata (WER, CER)", "pocketsphinx LibriVox (offline)", audio_column="audio",
+                        prompt_template=_task_prompt("librivox"), max_new_tokens=40, metric="wer",
+                        extra_metrics=("cer",), references=_single_answer, local_task="librivox",
+                        task_type="automatic-speech-recognition", task_name="Automatic speech recognition",
+                        **_OFFLINE),
 ]
 BENCHMARKS.update({b.name: b for b in GENERATIVE_BENCHMARKS})
 
@@ -317,6 +370,8 @@ def _audio_array(cell, rate):
 def _prompt(bench, processor, question):
     placeholder = [m for m, col in (("image", bench.image_column), ("audio", bench.audio_column)) if col]
     text = bench.prompt_template.format(question=question if question is not None else "")
+    if placeholder:  # LLaVA's layout (and the training tasks'): placeholders on their own line, then the text
+        text = "\n" + text
     if getattr(processor, "chat_template", None):
         content = [{"type": m} for m in placeholder] + [{"type": "text", "text": text}]
         return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
