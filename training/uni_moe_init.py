@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import os
 
+# ChatML without a default system prompt: SmolLM2's own template inserts a 20-token system message into every example.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
 
 def build_uni_moe(
     llm: str,
@@ -16,6 +22,7 @@ def build_uni_moe(
     upcycle_noise: float = 0.0,
     dtype: str = "float32",
     audio_window_seconds: int | None = None,
+    chat_template: str | None = None,
     **config_kwargs,
 ) -> str:
     """Upcycles the dense LLM `llm` into a Uni-MoE with `num_experts` experts (top-`top_k`), adds the vision / audio
@@ -24,6 +31,7 @@ def build_uni_moe(
 
     `llm`, `vision`, `audio`: zoo names (`smollm2-135m`, `dinov2-small`, `whisper-tiny-en`), local folders or Hub ids.
     `audio_window_seconds`: a Whisper window shorter than 30 s (feature extractor and encoder positions both cut).
+    `chat_template`: the processor's chat template ("chatml": ChatML without a system prompt; default: the tokenizer's).
     `config_kwargs`: any other `UniMoEConfig` argument (connector types, moe_layers, loss coefficients...).
     """
     import torch
@@ -56,10 +64,13 @@ def build_uni_moe(
         dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype,
         **config_kwargs,
     )
+    if chat_template == "chatml":
+        chat_template = CHATML_TEMPLATE
     processor = UniMoEProcessor(
         tokenizer,
         image_processor,
         feature_extractor,
+        chat_template=chat_template,
         image_seq_length=model.config.image_seq_length,
         audio_seq_length=model.config.audio_seq_length,
     )
