@@ -1,10 +1,12 @@
-"""The `multimodal-moe` command: zoo | init | demo | eval | push.
+"""The `multimodal-moe` command: zoo | init | demo | train | eval | push.
 
     multimodal-moe zoo list
     multimodal-moe zoo fetch dinov2-small                 # prints the local HF folder as its last line
     multimodal-moe init alt-moe --text smollm2-135m --vision dinov2-small --output-dir DIR
     multimodal-moe init uni-moe --llm smollm2-135m --vision dinov2-small --num-experts 4 --top-k 2 --output-dir DIR
     multimodal-moe demo --output-dir runs/demo [--quick]
+    multimodal-moe train uni-moe recipes/uni_moe_offline.yaml --output-dir runs/uni-moe [--quick]
+    multimodal-moe train smola recipes/smola_multitask.yaml --output-dir runs/smola [--quick]
     multimodal-moe eval runs/demo/model --benchmark emoji-retrieval --output-dir runs/demo/eval
     multimodal-moe push runs/demo/model org/alt-moe-demo [--private] [--revision R] [--dry-run]
 """
@@ -51,6 +53,22 @@ def _demo(args):
     run_demo(args.output_dir, quick=args.quick, text=args.text, vision=args.vision,
              audio=None if args.no_audio else args.audio, max_steps=args.max_steps, seed=args.seed)
     print(args.output_dir)
+    return 0
+
+
+def _train(args):
+    if args.method == "uni-moe":
+        from .training.uni_moe import run_pipeline
+
+        results = run_pipeline(args.recipe, args.output_dir, quick=args.quick)
+        for row in results["comparison"]:
+            print(f"{row['benchmark']:20} {row['metric']:8} stage1 {row['stage1']:.4f}  stage3 {row['stage3']:.4f}")
+        print(results["final_model"])
+    else:
+        from .training.smola_multitask import main as smola_main
+
+        smola_main(args.recipe, args.output_dir, args.quick)
+        print(args.output_dir)
     return 0
 
 
@@ -124,6 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-steps", type=int)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
+
+    train = sub.add_parser("train", help="run a training recipe (all stages; resumes an interrupted run)")
+    train.add_argument("method", choices=["uni-moe", "smola"], help="uni-moe: the three-stage Uni-MoE pipeline; "
+                       "smola: the Omni-SMoLA multi-task experiment")
+    train.add_argument("recipe", help="recipe YAML (see recipes/)")
+    train.add_argument("--output-dir", required=True)
+    train.add_argument("--quick", action="store_true", help="the recipe's `quick:` overrides (minutes on a CPU)")
+    train.set_defaults(func=_train)
 
     ev = sub.add_parser("eval", help="run a benchmark; writes results.json and results.md to --output-dir")
     ev.add_argument("model", help="checkpoint folder or Hub id (loaded with trust_remote_code)")
