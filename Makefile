@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # torch's CPU build lies on this kind of machine's disk; an unpinned torch would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
-DEBIAN_PACKAGES := fonts-noto-color-emoji espeak-ng
+DEBIAN_PACKAGES := fonts-noto-color-emoji espeak-ng pocketsphinx-testdata dataset-fashion-mnist
 
 .PHONY: demo demo-quick test test-fast system install
 
