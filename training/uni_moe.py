@@ -208,12 +208,17 @@ def _training_args(stage: dict, output_dir: Path, seed: int) -> TrainingArgument
         use_cpu=not gpu,
         disable_tqdm=False,
         ddp_find_unused_parameters=True,  # a batch of one modality leaves the other connector unused
+        deepspeed=stage.get("deepspeed"),  # e.g. recipes/deepspeed/zero3.json (GPU users; needs deepspeed)
     )
 
 
 def _train(model, processor, data, stage: dict, output_dir: Path, seed: int, callbacks=None) -> dict:
     """One Trainer run, resumed from the last checkpoint in output_dir/checkpoints if there is one."""
     checkpoints = output_dir / "checkpoints"
+    if stage.get("deepspeed") and json.loads(Path(stage["deepspeed"]).read_text())["zero_optimization"]["stage"] == 3:
+        from .distributed import zero3_leaf_modules
+
+        zero3_leaf_modules(model)  # ZeRO-3 must gather a MoE block's experts whole: tokens pick experts at run time
     trainer = UniMoETrainer(model=model, args=_training_args(stage, checkpoints, seed), train_dataset=data,
                             data_collator=UniMoEDataCollator(processor), callbacks=callbacks)
     last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
