@@ -269,6 +269,22 @@ def _local_data(data, split, limit):
     return data.select(range(min(limit, len(data)))) if limit else data
 
 
+def _load_model(model, processor, auto_class: str, device):
+    """(id for the results, model in eval mode on `device`, processor): a folder / Hub id is loaded with the Auto
+    class and trust_remote_code; an in-memory model needs its processor passed."""
+    model_id = model if isinstance(model, (str, Path)) else getattr(model, "name_or_path", type(model).__name__)
+    if isinstance(model, (str, Path)):
+        import transformers
+
+        from .. import modeling  # noqa: F401  (registers the Auto classes; the checkpoint's own code works too)
+
+        processor = processor or transformers.AutoProcessor.from_pretrained(str(model), trust_remote_code=True)
+        model = getattr(transformers, auto_class).from_pretrained(str(model), trust_remote_code=True)
+    if processor is None:
+        raise ValueError("pass the processor with an in-memory model")
+    return str(model_id), model.eval().to(device or ("cuda" if torch.cuda.is_available() else "cpu")), processor
+
+
 def _write(results, output_dir):
     if output_dir is not None:
         out = Path(output_dir)
@@ -295,17 +311,7 @@ def run_benchmark(model, benchmark: str, *, output_dir=None, processor=None, bat
         return _run_generative(model, bench, output_dir=output_dir, processor=processor, batch_size=batch_size,
                                limit=limit, device=device, data=data, max_new_tokens=max_new_tokens)
     started = time.time()
-    model_id = model if isinstance(model, (str, Path)) else getattr(model, "name_or_path", type(model).__name__)
-    if isinstance(model, (str, Path)):
-        from transformers import AutoModel, AutoProcessor
-
-        from .. import modeling  # noqa: F401  (registers the Auto classes; the checkpoint's own code works too)
-
-        processor = processor or AutoProcessor.from_pretrained(str(model), trust_remote_code=True)
-        model = AutoModel.from_pretrained(str(model), trust_remote_code=True)
-    if processor is None:
-        raise ValueError("pass the processor with an in-memory model")
-    model = model.eval().to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model_id, model, processor = _load_model(model, processor, "AutoModel", device)
     modalities = [m for m in ("text", "vision") if m in getattr(model.config, "modalities", [])]
     if modalities != ["text", "vision"]:
         raise ValueError(f"{benchmark} needs a model with text and vision, this one has {model.config.modalities}")
@@ -389,17 +395,7 @@ def _prompt(bench, processor, question):
 @torch.no_grad()
 def _run_generative(model, bench, *, output_dir, processor, batch_size, limit, device, data, max_new_tokens):
     started = time.time()
-    model_id = model if isinstance(model, (str, Path)) else getattr(model, "name_or_path", type(model).__name__)
-    if isinstance(model, (str, Path)):
-        from transformers import AutoModelForCausalLM, AutoProcessor
-
-        from .. import modeling  # noqa: F401  (registers the Auto classes; the checkpoint's own code works too)
-
-        processor = processor or AutoProcessor.from_pretrained(str(model), trust_remote_code=True)
-        model = AutoModelForCausalLM.from_pretrained(str(model), trust_remote_code=True)
-    if processor is None:
-        raise ValueError("pass the processor with an in-memory model")
-    model = model.eval().to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model_id, model, processor = _load_model(model, processor, "AutoModelForCausalLM", device)
     for column, sub in ((bench.image_column, "vision_config"), (bench.audio_column, "audio_config")):
         if column and hasattr(model.config, sub) and getattr(model.config, sub) is None:
             raise ValueError(f"{bench.name} needs a model with {sub.split('_')[0]} input; this one has no {sub}")
