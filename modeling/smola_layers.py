@@ -212,7 +212,8 @@ def resolve_modality_ids(modality_ids: torch.Tensor | None, tokens: Sequence[int
 
 
 def _smola_layers(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, nn.Module) and hasattr(m, "modality_ids")]
+    # A SMoLA layer holds ids (a tensor or None); `UniMoEModel.modality_ids` is a method and must not be overwritten.
+    return [m for m in model.modules() if hasattr(m, "modality_ids") and not callable(m.modality_ids)]
 
 
 def set_forward_modality_ids(model: nn.Module, modality_ids: torch.Tensor | None) -> None:

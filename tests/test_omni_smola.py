@@ -287,3 +287,21 @@ def test_peft_smola_trains_on_a_4bit_base(tmp_path):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_smola_on_uni_moe_keeps_its_modality_ids_method():
+    """Regression: passing `modality_ids=` to a peft-SMoLA Uni-MoE once overwrote `UniMoEModel.modality_ids` (a
+    method the loss path calls) with the tensor; only SMoLA layers may receive ids."""
+    from test_uni_moe import make_model, make_processor, mixed_inputs
+
+    model = make_model()
+    peft_model = get_peft_model(model, SMoLAConfig(num_experts=2, r=2, target_modules=r".*language_model.*\.q_proj",
+                                                   expert_groups=["text", "vision", "audio", "multimodal"]))
+    inputs = mixed_inputs(make_processor())
+    ids = torch.zeros_like(inputs["input_ids"])
+    out = peft_model(**inputs, modality_ids=ids, labels=inputs["input_ids"])
+    out.loss.backward()
+    assert callable(peft_model.get_base_model().model.modality_ids)
+    with smola_modality_ids(peft_model, ids):
+        assert callable(peft_model.get_base_model().model.modality_ids)
+    assert callable(peft_model.get_base_model().model.modality_ids)
