@@ -467,6 +467,7 @@ def _write_results(state: _State, recipe: dict, out: Path) -> dict:
     for bench in benchmarks:
         s1, s3 = done[f"eval/stage1/{bench}"], done[f"eval/stage3/{bench}"]
         metric = s1["metric"]
+        metric = metric if metric in s1["metrics"] else {"rouge": "rougeL"}.get(metric, metric)  # rouge reports rougeL
         a, b = s1["metrics"][metric], s3["metrics"][metric]
         better = b < a if metric in LOWER_IS_BETTER else b > a
         comparison.append({"benchmark": bench, "metric": metric, "stage1": a, "stage3": b, "stage3_better": better,
