@@ -228,3 +228,12 @@ def test_tiny_experiment_end_to_end(parts, tmp_path):
     from PIL import Image
 
     assert Image.open(tmp_path / "results.png").format == "PNG"
+
+
+def test_adapters_only_on_an_aligned_base(base_dir):
+    """train.connectors: false (a Uni-MoE stage-1 base): exactly the adapter parameters train."""
+    model, _ = _load_base(base_dir, quantize_4bit=False)
+    peft_model, info = add_adapter(model, "smola", smola=SMOLA, train_connectors=False)
+    names = [_strip(n) for n in _names(peft_model)]
+    assert names and all(".smola_" in n for n in names)
+    assert info["connector_params"] == 0 and info["trainable_params"] == info["adapter_params"] == 4608

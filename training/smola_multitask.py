@@ -247,8 +247,10 @@ def _load_base(base_dir, quantize_4bit: bool):
     return model, processor
 
 
-def add_adapter(model, method: str, smola: dict | None = None, lora: dict | None = None):
-    """`get_peft_model` with SMoLA or LoRA on the decoder linears `smola["target_modules"]`, connectors trainable.
+def add_adapter(model, method: str, smola: dict | None = None, lora: dict | None = None,
+                train_connectors: bool = True):
+    """`get_peft_model` with SMoLA or LoRA on the decoder linears `smola["target_modules"]`, connectors trainable
+    unless `train_connectors=False` (a base whose connectors are already aligned, e.g. a Uni-MoE stage-1 model).
 
     Returns (peft model, info) with info = adapter / connector / trainable parameter counts and the LoRA rank.
     """
@@ -279,7 +281,7 @@ def add_adapter(model, method: str, smola: dict | None = None, lora: dict | None
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     peft_model = get_peft_model(model, config)
     base = peft_model.get_base_model()
-    for name in CONNECTORS:
+    for name in CONNECTORS if train_connectors else ():
         connector = getattr(base.model, name, None)
         if connector is not None:
             connector.requires_grad_(True)
@@ -332,7 +334,8 @@ def task_mixture(tasks: dict, *, seed: int = 0, progress: bool = False):
 def train_multitask(base_dir, method: str, tasks, output_dir, *, train_data=None, steps: int = 60,
                     batch_size: int = 8, lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 0,
                     seed: int = 0, quantize_4bit: bool = False, smola: dict | None = None, lora: dict | None = None,
-                    logging_steps: int = 10, progress: bool = True, save: bool = False):
+                    logging_steps: int = 10, progress: bool = True, save: bool = False,
+                    train_connectors: bool = True):
     """Trains one arm on the mixture of `tasks` and returns (model, processor, info).
 
     base_dir: a dense Uni-MoE folder (`build_uni_moe(..., moe_layers=[])`). method: "smola" or "lora".
@@ -346,7 +349,7 @@ def train_multitask(base_dir, method: str, tasks, output_dir, *, train_data=None
         tasks = {t: None for t in tasks} if isinstance(tasks, (list, tuple)) else dict(tasks)
         train_data = task_mixture(tasks, seed=seed)
     model, processor = _load_base(base_dir, quantize_4bit)
-    model, info = add_adapter(model, method, smola=smola, lora=lora)
+    model, info = add_adapter(model, method, smola=smola, lora=lora, train_connectors=train_connectors)
     args = TrainingArguments(
         output_dir=str(output_dir), max_steps=int(steps), per_device_train_batch_size=int(batch_size),
         learning_rate=float(lr), weight_decay=float(weight_decay), warmup_steps=int(warmup_steps),
@@ -468,7 +471,7 @@ def run_multitask_experiment(recipe, output_dir, quick: bool = False, progress: 
     common = dict(batch_size=train["batch_size"], lr=train["lr"], weight_decay=train.get("weight_decay", 0.0),
                   warmup_steps=train.get("warmup_steps", 0), seed=seed, quantize_4bit=train.get("quantize_4bit", False),
                   smola=recipe["smola"], lora=recipe["lora"], logging_steps=train.get("logging_steps", 10),
-                  progress=progress)
+                  progress=progress, train_connectors=train.get("connectors", True))
     ev = dict(batch_size=recipe["eval"]["batch_size"], max_new_tokens=recipe["eval"].get("max_new_tokens"))
     arms = {}
     for arm in recipe["arms"]:
