@@ -453,8 +453,10 @@ def _evaluate(model_dir: Path, bench: str, ev: dict, output_dir: Path) -> dict:
     results = run_benchmark(str(model_dir), bench, output_dir=output_dir, batch_size=int(ev.get("batch_size", 16)),
                             limit=ev.get("limits", {}).get(bench, ev.get("limit")),
                             max_new_tokens=ev.get("max_new_tokens"))
+    # A model that ignores its media gives one answer to every input; the count makes that visible next to the score.
+    distinct = len({r["prediction"] for r in results["predictions"]})
     return {"metrics": results["metrics"]["all"], "metric": results["metric"], "examples":
-            results["dataset"]["examples"], "seconds": results["seconds"]}
+            results["dataset"]["examples"], "distinct_answers": distinct, "seconds": results["seconds"]}
 
 
 LOWER_IS_BETTER = {"wer", "cer"}
@@ -471,7 +473,8 @@ def _write_results(state: _State, recipe: dict, out: Path) -> dict:
         a, b = s1["metrics"][metric], s3["metrics"][metric]
         better = b < a if metric in LOWER_IS_BETTER else b > a
         comparison.append({"benchmark": bench, "metric": metric, "stage1": a, "stage3": b, "stage3_better": better,
-                           "examples": s1["examples"]})
+                           "examples": s1["examples"], "distinct_answers": [s1.get("distinct_answers"),
+                                                                             s3.get("distinct_answers")]})
     results = {
         "recipe": recipe,
         "training": {unit: {k: v for k, v in info.items() if k in ("steps", "train_loss", "seconds")}
@@ -484,10 +487,11 @@ def _write_results(state: _State, recipe: dict, out: Path) -> dict:
                    f"{'cuda' if torch.cuda.is_available() else 'cpu'}",
     }
     lines = ["# Uni-MoE progressive training", "", "| benchmark | metric | stage 1 (connectors) | stage 3 (MoE + LoRA) |"
-             " better after stage 3 |", "|---|---|---|---|---|"]
+             " better after stage 3 | distinct answers (stage 1 / 3) |", "|---|---|---|---|---|---|"]
     for row in comparison:
+        d1, d3 = row["distinct_answers"]
         lines.append(f"| {row['benchmark']} ({row['examples']} ex.) | {row['metric']} | {row['stage1']:.4f} | "
-                     f"{row['stage3']:.4f} | {'yes' if row['stage3_better'] else 'no'} |")
+                     f"{row['stage3']:.4f} | {'yes' if row['stage3_better'] else 'no'} | {d1} / {d3} |")
     lines += ["", "| unit | steps | train loss | seconds |", "|---|---|---|---|"]
     for unit, info in results["training"].items():
         lines.append(f"| {unit} | {info['steps']} | {info['train_loss']:.4f} | {info['seconds']:.0f} |")
