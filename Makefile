@@ -27,9 +27,9 @@ install: system $(VENV)/.installed
 system:
 	@dpkg -s $(DEBIAN_PACKAGES) >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq $(DEBIAN_PACKAGES); }
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[all]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[all]'
 	touch $@

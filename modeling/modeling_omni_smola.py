@@ -51,7 +51,7 @@ class OmniSMoLAPreTrainedModel(PreTrainedModel):
     base_model_prefix = "smola"
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
@@ -129,7 +129,6 @@ class OmniSMoLAForConditionalGeneration(OmniSMoLAPreTrainedModel, GenerationMixi
         attention_mask: torch.Tensor | None = None,
         modality_ids: torch.LongTensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -137,12 +136,15 @@ class OmniSMoLAForConditionalGeneration(OmniSMoLAPreTrainedModel, GenerationMixi
         **kwargs,
     ):
         r"""
+        The KV cache goes through `**kwargs` under whichever name the installed transformers uses (`cache`, or
+        `past_key_values` before 5.24).
+
         modality_ids (`torch.LongTensor` of shape `(batch, seq)`, *optional*): per-token modality (index into the
             non-shared `expert_groups`); without it every expert group is active for every token.
         """
         kwargs = dict(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+            inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
             logits_to_keep=logits_to_keep, **kwargs,
         )
         if modality_ids is not None:

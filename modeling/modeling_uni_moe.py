@@ -24,7 +24,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.generation import GenerationMixin
-from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
@@ -39,6 +39,16 @@ from .moe_layers import (
     modality_kl_loss,
     router_z_loss,
 )
+
+# transformers 5.24 renamed the KV cache `past_key_values` -> `cache` (forward keyword, output field, generate's
+# model_kwargs). Checkpoints carry this file to users on either side of the rename, so it speaks the installed name.
+CACHE_KEY = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _pop_cache(cache, kwargs: dict):
+    """The KV cache passed under either name (`cache`, or `past_key_values` before transformers 5.24)."""
+    old = kwargs.pop("past_key_values", None)
+    return cache if cache is not None else old
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -60,30 +70,26 @@ class UniMoEModelOutputWithPast(BaseModelOutputWithPast):
 
 
 @dataclass
-class UniMoECausalLMOutputWithPast(ModelOutput):
+class UniMoECausalLMOutputWithPast(CausalLMOutputWithPast):
     r"""
     loss (`torch.FloatTensor`, *optional*): `lm_loss + aux_loss`, returned when `labels` are given.
+    logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`).
+    cache / past_key_values (`Cache`, *optional*): the KV cache (named after the installed transformers version).
     lm_loss (`torch.FloatTensor`, *optional*): next-token cross-entropy.
     aux_loss (`torch.FloatTensor`, *optional*): sum over the auxiliary losses of coefficient * loss.
     balance_loss, z_loss, modality_expert_loss, modality_kl_loss (`torch.FloatTensor`, *optional*):
         Each auxiliary loss before its coefficient, averaged over the MoE layers (non-padding tokens only). Computed
         when `labels` are given or `output_router_logits=True`.
-    logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`).
     router_logits (`tuple(torch.FloatTensor)`, *optional*): see [`UniMoEModelOutputWithPast`], when
         `output_router_logits=True`.
     """
 
-    loss: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
     balance_loss: torch.Tensor | None = None
     z_loss: torch.Tensor | None = None
     modality_expert_loss: torch.Tensor | None = None
     modality_kl_loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    attentions: tuple[torch.Tensor, ...] | None = None
     router_logits: tuple[torch.Tensor, ...] | None = None
     image_hidden_states: torch.Tensor | None = None
     video_hidden_states: torch.Tensor | None = None
@@ -225,7 +231,7 @@ class UniMoEPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     _no_split_modules = ["UniMoESparseMoeBlock", "UniMoEQFormerConnector"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
@@ -436,11 +442,12 @@ class UniMoEModel(UniMoEPreTrainedModel):
         input_features: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         **kwargs,
     ) -> UniMoEModelOutputWithPast:
+        cache = _pop_cache(cache, kwargs)
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -450,7 +457,7 @@ class UniMoEModel(UniMoEPreTrainedModel):
         arg_names = {"image": "pixel_values", "video": "pixel_values_videos", "audio": "input_features"}
         encode = {"image": self.get_image_features, "video": self.get_video_features, "audio": self.get_audio_features}
         # Decoding steps after a multimodal prefill see no media: their features are already in the KV cache.
-        decoding = past_key_values is not None and past_key_values.get_seq_length() > 0
+        decoding = cache is not None and cache.get_seq_length() > 0
         features = {}
         for modality, value in inputs.items():
             if value is not None:
@@ -473,8 +480,8 @@ class UniMoEModel(UniMoEPreTrainedModel):
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
+            **{CACHE_KEY: cache},
             **kwargs,
         )
         router_logits = []
@@ -484,7 +491,7 @@ class UniMoEModel(UniMoEPreTrainedModel):
 
         return UniMoEModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_KEY: outputs[CACHE_KEY] if CACHE_KEY in outputs else None},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=tuple(router_logits),
@@ -599,7 +606,7 @@ class UniMoEForConditionalGeneration(UniMoEPreTrainedModel, GenerationMixin):
         pixel_values_videos: torch.FloatTensor | None = None,
         input_features: torch.FloatTensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -616,6 +623,7 @@ class UniMoEForConditionalGeneration(UniMoEPreTrainedModel, GenerationMixin):
         output_router_logits = (
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
         )
+        cache = _pop_cache(cache, kwargs)
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -623,7 +631,7 @@ class UniMoEForConditionalGeneration(UniMoEPreTrainedModel, GenerationMixin):
             input_features=input_features,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -654,7 +662,7 @@ class UniMoEForConditionalGeneration(UniMoEPreTrainedModel, GenerationMixin):
             modality_expert_loss=aux.get("modality_expert_loss"),
             modality_kl_loss=aux.get("modality_kl_loss"),
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_KEY: outputs[CACHE_KEY] if CACHE_KEY in outputs else None},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=outputs.router_logits if output_router_logits else None,
@@ -666,7 +674,6 @@ class UniMoEForConditionalGeneration(UniMoEPreTrainedModel, GenerationMixin):
     def prepare_inputs_for_generation(
         self,
         input_ids,
-        past_key_values=None,
         inputs_embeds=None,
         pixel_values=None,
         pixel_values_videos=None,
@@ -677,7 +684,6 @@ class UniMoEForConditionalGeneration(UniMoEPreTrainedModel, GenerationMixin):
     ):
         model_inputs = super().prepare_inputs_for_generation(
             input_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             is_first_iteration=is_first_iteration,
