@@ -38,6 +38,10 @@ class UniMoEConfig(PreTrainedConfig):
             queries cross-attending to the encoder states; `*_num_query_tokens` LLM tokens per input).
         vision_num_query_tokens (`int`, defaults to 32), audio_num_query_tokens (`int`, defaults to 50):
             Query count of a Q-Former connector (the official code uses 50 per 30-second speech chunk).
+        vision_merge_size (`int`, defaults to 1), audio_merge_size (`int`, defaults to 1):
+            For an "mlp" connector: merge k x k neighbouring patches (vision, Qwen2-VL's patch merger) or k consecutive
+            frames (audio, SLAM-ASR's downsampling projector) into one LLM token by concatenation, so an input takes
+            k^2 (or k) times fewer LLM tokens. 1 keeps one LLM token per encoder token (LLaVA).
         qformer_hidden_size (`int`, *optional*): width of the Q-Former, defaults to the LLM's hidden size.
         qformer_num_layers (`int`, defaults to 2), qformer_num_heads (`int`, defaults to 8): Q-Former depth / heads.
         connector_hidden_act (`str`, defaults to "gelu"): activation of both connector types.
@@ -93,6 +97,8 @@ class UniMoEConfig(PreTrainedConfig):
         audio_connector_type: str = "qformer",
         vision_num_query_tokens: int = 32,
         audio_num_query_tokens: int = 50,
+        vision_merge_size: int = 1,
+        audio_merge_size: int = 1,
         qformer_hidden_size: int | None = None,
         qformer_num_layers: int = 2,
         qformer_num_heads: int = 8,
@@ -132,6 +138,8 @@ class UniMoEConfig(PreTrainedConfig):
         self.audio_connector_type = audio_connector_type
         self.vision_num_query_tokens = vision_num_query_tokens
         self.audio_num_query_tokens = audio_num_query_tokens
+        self.vision_merge_size = vision_merge_size
+        self.audio_merge_size = audio_merge_size
         self.qformer_hidden_size = qformer_hidden_size
         self.qformer_num_layers = qformer_num_layers
         self.qformer_num_heads = qformer_num_heads
@@ -205,6 +213,11 @@ class UniMoEConfig(PreTrainedConfig):
             return None
         if self.vision_connector_type == "qformer":
             return self.vision_num_query_tokens
+        return self.vision_connector_input_length // self.vision_merge_size**2
+
+    @property
+    def vision_connector_input_length(self) -> int:
+        """Encoder tokens per image the vision connector reads (CLS dropped under the "default" strategy)."""
         drop_cls = self.vision_has_cls and self.vision_feature_select_strategy == "default"
         return self.vision_encoder_seq_length - int(drop_cls)
 
@@ -220,7 +233,7 @@ class UniMoEConfig(PreTrainedConfig):
             return None
         if self.audio_connector_type == "qformer":
             return self.audio_num_query_tokens
-        return self.audio_config.max_source_positions
+        return self.audio_config.max_source_positions // self.audio_merge_size
 
     @property
     def vision_encoder_seq_length(self) -> int:
@@ -232,6 +245,24 @@ class UniMoEConfig(PreTrainedConfig):
     def audio_max_frames(self) -> int:
         """Mel frames one audio-encoder window takes (Whisper: 2 x max_source_positions = 3000, i.e. 30 s)."""
         return 2 * self.audio_config.max_source_positions
+
+    def _validate_merge_sizes(self) -> None:
+        for modality, kind, k in (("vision", self.vision_connector_type, self.vision_merge_size),
+                                  ("audio", self.audio_connector_type, self.audio_merge_size)):
+            cfg = getattr(self, f"{modality}_config")
+            if cfg is None or k == 1:
+                continue
+            if kind != "mlp":
+                raise ValueError(f"{modality}_merge_size={k} needs {modality}_connector_type='mlp', got {kind!r}")
+            if modality == "vision":
+                grid = (self.vision_image_size or cfg.image_size) // cfg.patch_size
+                if self.vision_has_cls and self.vision_feature_select_strategy == "full":
+                    raise ValueError("vision_merge_size > 1 merges the patch grid: it can't keep the CLS token "
+                                     "(use vision_feature_select_strategy='default')")
+                if grid % k:
+                    raise ValueError(f"vision_merge_size={k} must divide the {grid}x{grid} patch grid")
+            elif cfg.max_source_positions % k:
+                raise ValueError(f"audio_merge_size={k} must divide the {cfg.max_source_positions} encoder frames")
 
     def encoder_hidden_size(self, modality: str) -> int:
         cfg = self.vision_config if modality in ("image", "video", "vision") else self.audio_config
@@ -265,9 +296,10 @@ class UniMoEConfig(PreTrainedConfig):
                 f"{self.vision_feature_select_strategy!r}"
             )
         for name in ("num_experts", "vision_num_query_tokens", "audio_num_query_tokens", "qformer_num_layers",
-                     "qformer_num_heads", "moe_layer_interval"):
+                     "qformer_num_heads", "moe_layer_interval", "vision_merge_size", "audio_merge_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        self._validate_merge_sizes()
         if not 1 <= self.num_experts_per_tok <= self.num_experts:
             raise ValueError(
                 f"num_experts_per_tok must be in [1, num_experts={self.num_experts}], got {self.num_experts_per_tok}"

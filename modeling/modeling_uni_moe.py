@@ -100,16 +100,37 @@ class UniMoECausalLMOutputWithPast(CausalLMOutputWithPast):
 # Connectors
 # ---------------------------------------------------------------------------------------------------------------------
 class UniMoEMLPConnector(nn.Module):
-    """LLaVA-1.5 projector: Linear -> GELU -> Linear, one LLM token per encoder token."""
+    """LLaVA-1.5 projector: Linear -> GELU -> Linear, one LLM token per encoder token.
 
-    def __init__(self, encoder_hidden_size: int, hidden_size: int, hidden_act: str = "gelu"):
+    With `merge_size` k > 1, k x k neighbouring patches (`grid` set: vision) or k consecutive frames (`grid` None:
+    audio) are first normalised and concatenated into one token, as Qwen2-VL's patch merger and SLAM-ASR's projector
+    do: k^2 (or k) times fewer LLM tokens, every encoder feature still seen (a Q-Former learns slower from scratch).
+    """
+
+    def __init__(self, encoder_hidden_size: int, hidden_size: int, hidden_act: str = "gelu", merge_size: int = 1,
+                 grid: int | None = None):
         super().__init__()
-        self.linear_1 = nn.Linear(encoder_hidden_size, hidden_size)
+        self.merge_size, self.grid = merge_size, grid
+        self.norm = nn.LayerNorm(encoder_hidden_size) if merge_size > 1 else None
+        merged = encoder_hidden_size * (merge_size**2 if grid else merge_size)
+        self.linear_1 = nn.Linear(merged, hidden_size)
         self.act = ACT2FN[hidden_act]
         self.linear_2 = nn.Linear(hidden_size, hidden_size)
 
+    def merge(self, encoder_states: torch.Tensor) -> torch.Tensor:
+        # (items, encoder tokens, d) -> (items, encoder tokens / k^2 (vision) or / k (audio), k^2 d or k d)
+        items, tokens, d = encoder_states.shape
+        k = self.merge_size
+        if self.grid is None:
+            return encoder_states.reshape(items, tokens // k, k * d)
+        g = self.grid
+        x = encoder_states.reshape(items, g // k, k, g // k, k, d)  # (items, block row, row, block col, col, d)
+        return x.permute(0, 1, 3, 2, 4, 5).reshape(items, (g // k) ** 2, k * k * d)
+
     def forward(self, encoder_states: torch.Tensor) -> torch.Tensor:
-        # (items, encoder tokens, encoder hidden) -> (items, encoder tokens, hidden)
+        # (items, encoder tokens, encoder hidden) -> (items, LLM tokens, hidden)
+        if self.merge_size > 1:
+            encoder_states = self.merge(self.norm(encoder_states))
         return self.linear_2(self.act(self.linear_1(encoder_states)))
 
 
@@ -176,7 +197,11 @@ def _build_connector(config: UniMoEConfig, modality: str) -> nn.Module:
     encoder_hidden = config.encoder_hidden_size(modality)
     hidden = config.text_config.hidden_size
     if kind == "mlp":
-        return UniMoEMLPConnector(encoder_hidden, hidden, config.connector_hidden_act)
+        if modality == "vision":
+            grid = (config.vision_image_size or config.vision_config.image_size) // config.vision_config.patch_size
+            return UniMoEMLPConnector(encoder_hidden, hidden, config.connector_hidden_act, config.vision_merge_size,
+                                      grid)
+        return UniMoEMLPConnector(encoder_hidden, hidden, config.connector_hidden_act, config.audio_merge_size)
     num_queries = config.vision_num_query_tokens if modality == "vision" else config.audio_num_query_tokens
     return UniMoEQFormerConnector(
         encoder_hidden,
@@ -242,6 +267,16 @@ class UniMoEPreTrainedModel(PreTrainedModel):
         # transformers decides this by looking for "@use_experts_implementation" in the model class's own module; our
         # experts are decorated in moe_layers.py, so the heuristic would wrongly say no (and force eager).
         return True
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        model = super().from_pretrained(*args, **kwargs)
+        # Loading swaps in new parameters (built on the meta device), which forgets the encoders' requires_grad=False.
+        if model.config.freeze_encoders:
+            for module in model.modules():
+                if isinstance(module, UniMoEModel):
+                    module.freeze_encoders()
+        return model
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # `register_for_auto_class` keeps one Auto class per model class, so `auto_map` would only name the last one
@@ -353,13 +388,23 @@ class UniMoEModel(UniMoEPreTrainedModel):
             states = states[:, 1:]  # drop CLS (LLaVA's "default")
         return states
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(images, 3, H, W) -> (images, image_seq_length, hidden)."""
+    def get_image_encoder_states(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(images, 3, H, W) -> the frozen encoder's states the connector reads: (images, encoder tokens, d)."""
         self._require(self.vision_tower, "vision", "pixel_values")
         if pixel_values.ndim != 4:
             raise ValueError(f"pixel_values must be (images, 3, H, W), got shape {tuple(pixel_values.shape)}")
-        states = self._vision_encoder_states(pixel_values)
-        return self.vision_connector(states.to(self.vision_connector_dtype))
+        return self._vision_encoder_states(pixel_values)
+
+    def get_image_features(
+        self, pixel_values: torch.Tensor | None = None, image_encoder_states: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(images, 3, H, W), or pre-stored `get_image_encoder_states` -> (images, image_seq_length, hidden)."""
+        if image_encoder_states is None:
+            image_encoder_states = self.get_image_encoder_states(pixel_values)
+        else:
+            self._require(self.vision_tower, "vision", "image_encoder_states")
+            self._check_states("image", image_encoder_states, self.config.vision_connector_input_length)
+        return self.vision_connector(image_encoder_states.to(self.vision_connector_dtype))
 
     def get_video_features(self, pixel_values_videos: torch.Tensor) -> torch.Tensor:
         """(videos, frames, 3, H, W) -> (videos, video_seq_length, hidden): frames encoded, then mean-pooled."""
@@ -373,8 +418,8 @@ class UniMoEModel(UniMoEPreTrainedModel):
         states = states.reshape(videos, frames, *states.shape[1:]).mean(dim=1)  # (videos, tokens, d)
         return self.vision_connector(states.to(self.vision_connector_dtype))
 
-    def get_audio_features(self, input_features: torch.Tensor) -> torch.Tensor:
-        """(clips, mel bins, frames) -> (clips, audio_seq_length, hidden). One encoder window per clip."""
+    def get_audio_encoder_states(self, input_features: torch.Tensor) -> torch.Tensor:
+        """(clips, mel bins, frames) -> the frozen encoder's states the connector reads: (clips, encoder frames, d)."""
         self._require(self.audio_tower, "audio", "input_features")
         max_frames = self.config.audio_max_frames
         if input_features.ndim != 3:
@@ -395,8 +440,26 @@ class UniMoEModel(UniMoEPreTrainedModel):
         with torch.set_grad_enabled(self._encoder_grad()):
             out = self.audio_tower(input_features.to(self.audio_tower.dtype), output_hidden_states=True)
         layer = self.config.audio_feature_layer
-        states = out.last_hidden_state if layer == -1 else out.hidden_states[layer]
-        return self.audio_connector(states.to(self.audio_connector_dtype))
+        return out.last_hidden_state if layer == -1 else out.hidden_states[layer]
+
+    def get_audio_features(
+        self, input_features: torch.Tensor | None = None, audio_encoder_states: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(clips, mel bins, frames), or pre-stored `get_audio_encoder_states` -> (clips, audio_seq_length, hidden).
+        One encoder window per clip."""
+        if audio_encoder_states is None:
+            audio_encoder_states = self.get_audio_encoder_states(input_features)
+        else:
+            self._require(self.audio_tower, "audio", "audio_encoder_states")
+            self._check_states("audio", audio_encoder_states, self.config.audio_config.max_source_positions)
+        return self.audio_connector(audio_encoder_states.to(self.audio_connector_dtype))
+
+    def _check_states(self, modality: str, states: torch.Tensor, tokens: int) -> None:
+        d = self.config.encoder_hidden_size(modality)
+        if states.ndim != 3 or tuple(states.shape[1:]) != (tokens, d):
+            want = f"(items, {tokens}, {d})"
+            raise ValueError(f"{modality}_encoder_states must be {want} (get_{modality}_encoder_states' output), "
+                             f"got shape {tuple(states.shape)}")
 
     @property
     def vision_connector_dtype(self):
@@ -445,34 +508,45 @@ class UniMoEModel(UniMoEPreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
+        image_encoder_states: torch.FloatTensor | None = None,
+        audio_encoder_states: torch.FloatTensor | None = None,
         **kwargs,
     ) -> UniMoEModelOutputWithPast:
+        r"""
+        image_encoder_states (`torch.FloatTensor` of shape `(images, encoder tokens, encoder hidden)`, *optional*):
+            Pre-stored outputs of the frozen vision encoder (`get_image_encoder_states`), instead of `pixel_values`.
+        audio_encoder_states (`torch.FloatTensor` of shape `(clips, encoder frames, encoder hidden)`, *optional*):
+            Pre-stored outputs of the frozen audio encoder (`get_audio_encoder_states`), instead of `input_features`.
+        """
         cache = _pop_cache(cache, kwargs)
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)  # (batch, seq, hidden)
 
-        inputs = {"image": pixel_values, "video": pixel_values_videos, "audio": input_features}
-        arg_names = {"image": "pixel_values", "video": "pixel_values_videos", "audio": "input_features"}
+        # Each modality's input: raw media through its frozen encoder, or that encoder's pre-stored states.
+        media = {
+            "image": ("pixel_values", pixel_values, image_encoder_states),
+            "video": ("pixel_values_videos", pixel_values_videos, None),
+            "audio": ("input_features", input_features, audio_encoder_states),
+        }
         encode = {"image": self.get_image_features, "video": self.get_video_features, "audio": self.get_audio_features}
         # Decoding steps after a multimodal prefill see no media: their features are already in the KV cache.
         decoding = cache is not None and cache.get_seq_length() > 0
         features = {}
-        for modality, value in inputs.items():
-            if value is not None:
+        for modality, (name, raw, stored) in media.items():
+            if raw is not None and stored is not None:
+                raise ValueError(f"pass either `{name}` or `{modality}_encoder_states`, not both")
+            if raw is not None or stored is not None:
                 if input_ids is None:
-                    raise ValueError(
-                        f"`{arg_names[modality]}` needs `input_ids` to locate the <{modality}> placeholders"
-                    )
-                features[modality] = encode[modality](value)
+                    raise ValueError(f"`{name}` needs `input_ids` to locate the <{modality}> placeholders")
+                stored_kw = {f"{modality}_encoder_states": stored} if stored is not None else {}
+                features[modality] = encode[modality](raw, **stored_kw)
                 inputs_embeds = self._scatter(inputs_embeds, input_ids, modality, features[modality])
             elif input_ids is not None and not decoding:
                 token_id = self.config.placeholder_token_ids().get(modality)
                 if token_id is not None and bool((input_ids == token_id).any()):
-                    raise ValueError(
-                        f"input_ids contain <{modality}> placeholder tokens but no `{arg_names[modality]}` was given"
-                    )
+                    raise ValueError(f"input_ids contain <{modality}> placeholder tokens but no `{name}` was given")
 
         for block in self.moe_blocks:
             block.router_logits = None
@@ -612,6 +686,8 @@ class UniMoEForConditionalGeneration(UniMoEPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         output_router_logits: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        image_encoder_states: torch.FloatTensor | None = None,
+        audio_encoder_states: torch.FloatTensor | None = None,
         **kwargs,
     ) -> UniMoECausalLMOutputWithPast:
         r"""
@@ -619,6 +695,8 @@ class UniMoEForConditionalGeneration(UniMoEPreTrainedModel, GenerationMixin):
             Next-token targets (shifted inside the loss); -100 is ignored. Mask the placeholder positions with -100.
         output_router_logits (`bool`, *optional*):
             Return the routers' logits; the auxiliary losses are computed whenever this is set or labels are given.
+        image_encoder_states, audio_encoder_states (`torch.FloatTensor`, *optional*):
+            Pre-stored frozen-encoder outputs instead of `pixel_values` / `input_features` (see [`UniMoEModel`]).
         """
         output_router_logits = (
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
@@ -634,6 +712,8 @@ class UniMoEForConditionalGeneration(UniMoEPreTrainedModel, GenerationMixin):
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            image_encoder_states=image_encoder_states,
+            audio_encoder_states=audio_encoder_states,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -680,6 +760,8 @@ class UniMoEForConditionalGeneration(UniMoEPreTrainedModel, GenerationMixin):
         input_features=None,
         attention_mask=None,
         is_first_iteration=False,
+        image_encoder_states=None,
+        audio_encoder_states=None,
         **kwargs,
     ):
         model_inputs = super().prepare_inputs_for_generation(
@@ -690,12 +772,13 @@ class UniMoEForConditionalGeneration(UniMoEPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         # Media only enter the prefill step; later steps read their features from the KV cache.
+        media = {"pixel_values": pixel_values, "pixel_values_videos": pixel_values_videos,
+                 "input_features": input_features, "image_encoder_states": image_encoder_states,
+                 "audio_encoder_states": audio_encoder_states}
         if is_first_iteration or not kwargs.get("use_cache", True):
-            model_inputs["pixel_values"] = pixel_values
-            model_inputs["pixel_values_videos"] = pixel_values_videos
-            model_inputs["input_features"] = input_features
+            model_inputs.update(media)
         else:
-            for key in ("pixel_values", "pixel_values_videos", "input_features"):
+            for key in media:
                 model_inputs.pop(key, None)
         return model_inputs
 

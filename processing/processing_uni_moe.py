@@ -160,12 +160,7 @@ class UniMoEProcessor(ProcessorMixin):
         if media["audio"]:
             data["input_features"] = self._audio_features(media["audio"], sampling_rate)
 
-        expanded = []
-        for t in texts:
-            for modality in MEDIA_MODALITIES:
-                if counts[modality]:
-                    t = t.replace(self._token(modality), self._token(modality) * self._seq_length(modality))
-            expanded.append(t)
+        expanded = self.expand_placeholders(texts)
         text_inputs = self.tokenizer(expanded, padding=padding, return_tensors=return_tensors, **kwargs)
 
         for modality in MEDIA_MODALITIES:
@@ -179,6 +174,18 @@ class UniMoEProcessor(ProcessorMixin):
                         f"expected {wanted}; the tokenizer must keep {self._token(modality)} as one special token"
                     )
         return BatchFeature(data={**text_inputs, **data}, tensor_type=return_tensors)
+
+    def expand_placeholders(self, texts: list[str]) -> list[str]:
+        """Each `<image>` / `<video>` / `<audio>` repeated as many times as the model has tokens for one item (what
+        `__call__` tokenises; a collator feeding pre-stored encoder states tokenises this itself)."""
+        expanded = []
+        for t in texts:
+            for modality in MEDIA_MODALITIES:
+                token = self._token(modality)
+                if token in t:
+                    t = t.replace(token, token * self._seq_length(modality))
+            expanded.append(t)
+        return expanded
 
     def _token(self, modality: str) -> str:
         return getattr(self, f"{modality}_token")

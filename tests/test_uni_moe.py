@@ -137,6 +137,39 @@ def test_config_token_counts_and_validation():
         make_config(num_experts_per_tok=5)
 
 
+
+def test_merge_connectors_concatenate_neighbours_like_a_reference_loop():
+    # vision grid 4x4 (32 px / 8), merge 2 -> 4 tokens; audio 50 frames, merge 5 -> 10 tokens
+    cfg = make_config(vision_merge_size=2, audio_connector_type="mlp", audio_merge_size=5)
+    assert (cfg.image_seq_length, cfg.video_seq_length, cfg.audio_seq_length) == (4, 4, 10)
+    model = make_model(vision_merge_size=2, audio_connector_type="mlp", audio_merge_size=5)
+    vision, audio = model.model.vision_connector, model.model.audio_connector
+    states = torch.randn(3, 16, 32)  # (images, 4x4 patches in row-major order, d)
+    merged = vision.merge(states)
+    assert merged.shape == (3, 4, 4 * 32)
+    for block_row in range(2):
+        for block_col in range(2):
+            patches = [states[:, (2 * block_row + r) * 4 + 2 * block_col + c] for r in range(2) for c in range(2)]
+            torch.testing.assert_close(merged[:, 2 * block_row + block_col], torch.cat(patches, dim=-1))
+    frames = torch.randn(2, 50, 32)
+    torch.testing.assert_close(audio.merge(frames)[:, 3], frames[:, 15:20].flatten(1))
+    # whole model: the processor expands placeholders to the merged counts, forward + backward run
+    processor = make_processor()
+    processor.image_seq_length, processor.video_seq_length, processor.audio_seq_length = 4, 4, 10
+    inputs = mixed_inputs(processor)
+    out = model(**inputs, labels=inputs["input_ids"])
+    out.loss.backward()
+    assert out.image_hidden_states.shape == (1, 4, 32) and out.audio_hidden_states.shape == (1, 10, 32)
+    assert vision.linear_1.weight.grad is not None and audio.norm.weight.grad is not None
+    with pytest.raises(ValueError, match="must divide the 4x4 patch grid"):
+        make_config(vision_merge_size=3)
+    with pytest.raises(ValueError, match="must divide the 50 encoder frames"):
+        make_config(audio_connector_type="mlp", audio_merge_size=7)
+    with pytest.raises(ValueError, match="needs audio_connector_type='mlp'"):
+        make_config(audio_merge_size=5)
+    with pytest.raises(ValueError, match="can't keep the CLS token"):
+        make_config(vision_merge_size=2, vision_feature_select_strategy="full")
+
 def test_forward_backward_all_modalities(processor):
     model = make_model(modality_expert_map={"image": [1], "audio": [2, 3]}, modality_expert_loss_coef=0.1,
                        modality_kl_loss_coef=0.01, router_z_loss_coef=0.001).train()
@@ -467,3 +500,32 @@ def test_gradient_checkpointing_keeps_router_grads():
         grads.append((out.loss.detach(), model.model.language_model.layers[0].mlp.gate.weight.grad))
     torch.testing.assert_close(grads[0][0], grads[1][0])
     torch.testing.assert_close(grads[0][1], grads[1][1], atol=1e-6, rtol=1e-5)
+
+
+def test_pre_stored_encoder_states_give_the_same_outputs_as_raw_media(model, processor):
+    image, _, clip = media()
+    inputs = processor(text=["w1 <image> w2 <audio> w3"], images=[image], audio=[clip])
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        image_states = model.model.get_image_encoder_states(inputs["pixel_values"])
+        audio_states = model.model.get_audio_encoder_states(inputs["input_features"])
+        stored = {k: v for k, v in inputs.items() if k not in ("pixel_values", "input_features")}
+        out = model(**stored, image_encoder_states=image_states, audio_encoder_states=audio_states).logits
+        torch.testing.assert_close(out, ref)
+        generated = model.generate(**stored, image_encoder_states=image_states, audio_encoder_states=audio_states,
+                                   max_new_tokens=4, do_sample=False)
+        torch.testing.assert_close(generated, model.generate(**inputs, max_new_tokens=4, do_sample=False))
+    assert image_states.shape == (1, 16, 32) and audio_states.shape == (1, 50, 32)
+    with pytest.raises(ValueError, match="either `pixel_values` or `image_encoder_states`"):
+        model(**inputs, image_encoder_states=image_states)
+    with pytest.raises(ValueError, match=r"audio_encoder_states must be \(items, 50, 32\)"):
+        model(**stored, image_encoder_states=image_states, audio_encoder_states=audio_states[:, :10])
+
+
+def test_loaded_model_keeps_its_encoders_frozen(tmp_path):
+    model = make_model()
+    model.save_pretrained(tmp_path)
+    loaded = UniMoEForConditionalGeneration.from_pretrained(tmp_path)
+    for tower in (loaded.model.vision_tower, loaded.model.audio_tower):
+        assert not any(p.requires_grad for p in tower.parameters())
+    assert all(p.requires_grad for p in loaded.model.language_model.parameters())

@@ -47,6 +47,7 @@ def tiny_recipe(parts, **stage_overrides):
                    "tasks": {"caption": 30, "classify": 16, "transcribe": 30}, "max_steps": 4, **step},
         "routing": {"examples": 8, "tasks": {"classify": 8, "transcribe": 30}},
         "eval": {"benchmarks": ["fashion-classify"], "limits": {"fashion-classify": 8}, "batch_size": 8},
+        "cache_dir": str(Path(parts["llm"]).parent / "encoder-states"),  # pre-stored encoder states
     }
     for stage, values in stage_overrides.items():
         recipe[stage].update(values)
@@ -63,6 +64,42 @@ def full_run(parts, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "uninterrupted"
     run_pipeline(tiny_recipe(parts), out, progress=False)
     return out
+
+
+def test_prestored_encoder_states_match_the_encoders_and_the_raw_batch(parts, tmp_path):
+    from multimodal_moe.training.data.tasks import build_task_dataset
+    from multimodal_moe.training.encoder_states import as_training_format, prestore_encoder_states
+
+    base = build_uni_moe(parts["llm"], parts["vision"], parts["audio"], output_dir=str(tmp_path / "base"),
+                         moe_layers=[], audio_window_seconds=8, audio_connector_type="mlp", audio_merge_size=20,
+                         vision_merge_size=2)
+    model = UniMoEForConditionalGeneration.from_pretrained(base).eval()
+    processor = UniMoEProcessor.from_pretrained(base)
+    raw = build_mixture({"caption": 6, "transcribe": 6}, "train", progress=False)
+    stored = as_training_format(build_mixture({"caption": 6, "transcribe": 6}, "train", progress=False,
+                                              map_part=lambda d: prestore_encoder_states(model, processor, d,
+                                                                                         cache_dir=tmp_path / "c")))
+    assert "images" not in stored.column_names and len(stored) == len(raw)
+    collator = UniMoEDataCollator(processor)
+    rows_raw, rows_stored = [raw[i] for i in range(len(raw))], [stored[i] for i in range(len(stored))]
+    batch_raw, batch_stored = collator(rows_raw), collator(rows_stored)
+    for key in ("input_ids", "attention_mask", "labels"):
+        assert torch.equal(batch_raw[key], batch_stored[key])
+    with torch.no_grad():
+        states = model.model.get_image_encoder_states(batch_raw["pixel_values"])
+        torch.testing.assert_close(batch_stored["image_encoder_states"], states, atol=2e-3, rtol=2e-3)  # float16
+        assert batch_stored["audio_encoder_states"].shape == (sum(r["modality"] == "audio" for r in rows_raw), 400,
+                                                              model.config.encoder_hidden_size("audio"))
+        torch.testing.assert_close(model(**batch_stored).loss, model(**batch_raw).loss, atol=1e-3, rtol=1e-3)
+    # a second call reads the cache: same files, nothing recomputed
+    files = sorted(p.name for p in (tmp_path / "c").iterdir())
+    part = build_task_dataset("caption", "train", limit=6, progress=False)
+    again = prestore_encoder_states(model, processor, part, cache_dir=tmp_path / "c")
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == files
+    assert again.cache_files[0]["filename"].startswith(str(tmp_path / "c"))
+    model.model.vision_tower.requires_grad_(True)
+    with pytest.raises(ValueError, match="trainable parameters"):
+        prestore_encoder_states(model, processor, part, cache_dir=tmp_path / "c")
 
 
 def trainable(model):

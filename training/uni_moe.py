@@ -184,7 +184,18 @@ def _atomic_dir(final: Path, write) -> Path:
     return final
 
 
-def _training_args(stage: dict, output_dir: Path, seed: int) -> TrainingArguments:
+def use_bf16(setting) -> bool:
+    """The recipe's `bf16`: true / false, or "auto": bfloat16 autocast on a GPU that supports it, and on a CPU with
+    AMX tiles (Sapphire Rapids / Zen 4 and newer: bfloat16 matmuls ~3x float32 there; slower than float32 without)."""
+    if setting != "auto":
+        return bool(setting)
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # no public query in torch 2.13
+    return bool(amx and amx())
+
+
+def _training_args(stage: dict, output_dir: Path, seed: int, bf16: bool = False) -> TrainingArguments:
     gpu = torch.cuda.is_available()
     return TrainingArguments(
         output_dir=str(output_dir),
@@ -204,7 +215,7 @@ def _training_args(stage: dict, output_dir: Path, seed: int) -> TrainingArgument
         dataloader_num_workers=0,
         report_to=[],
         seed=seed,
-        bf16=gpu and torch.cuda.is_bf16_supported(),
+        bf16=bf16,
         use_cpu=not gpu,
         disable_tqdm=False,
         ddp_find_unused_parameters=True,  # a batch of one modality leaves the other connector unused
@@ -212,14 +223,14 @@ def _training_args(stage: dict, output_dir: Path, seed: int) -> TrainingArgument
     )
 
 
-def _train(model, processor, data, stage: dict, output_dir: Path, seed: int, callbacks=None) -> dict:
+def _train(model, processor, data, stage: dict, output_dir: Path, seed: int, callbacks=None, bf16: bool = False) -> dict:
     """One Trainer run, resumed from the last checkpoint in output_dir/checkpoints if there is one."""
     checkpoints = output_dir / "checkpoints"
     if stage.get("deepspeed") and json.loads(Path(stage["deepspeed"]).read_text())["zero_optimization"]["stage"] == 3:
         from .distributed import zero3_leaf_modules
 
         zero3_leaf_modules(model)  # ZeRO-3 must gather a MoE block's experts whole: tokens pick experts at run time
-    trainer = UniMoETrainer(model=model, args=_training_args(stage, checkpoints, seed), train_dataset=data,
+    trainer = UniMoETrainer(model=model, args=_training_args(stage, checkpoints, seed, bf16), train_dataset=data,
                             data_collator=UniMoEDataCollator(processor), callbacks=callbacks)
     last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
     if last:
@@ -308,6 +319,7 @@ def run_pipeline(recipe, output_dir, *, quick: bool = False, callbacks=None, pro
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     seed = int(recipe.get("seed", 0))
+    bf16 = use_bf16(recipe.get("bf16", False))
     state = _State(out, recipe) if dist.is_main_process else None
     dist.wait_for_everyone()
     if not dist.is_main_process:
@@ -336,8 +348,8 @@ def run_pipeline(recipe, output_dir, *, quick: bool = False, callbacks=None, pro
     if "stage1" not in state.done:
         set_seed(seed)
         model = prepare_stage1(_load(base_dir, False))
-        data = build_mixture(s1["tasks"], "train", seed=seed, progress=progress)
-        info = _train(model, processor, data, s1, out / "stage1", seed, callbacks)
+        data = _stage_data(model, processor, s1["tasks"], recipe, dist, seed, progress)
+        info = _train(model, processor, data, s1, out / "stage1", seed, callbacks, bf16)
         main_only("stage1", lambda: {**info, "path": str(_save_model(model, processor, stage1_dir))})
         del model
 
@@ -358,9 +370,9 @@ def run_pipeline(recipe, output_dir, *, quick: bool = False, callbacks=None, pro
                                      lora_dropout=lora.get("dropout", 0.05), targets="ffn", trainable=())
         else:
             model = prepare_stage2(model)
-        data = build_mixture(expert["tasks"], "train", seed=seed, progress=progress)
+        data = _stage_data(model, processor, expert["tasks"], recipe, dist, seed, progress)
         info = _train(model, processor, data, {**s2, **expert.get("overrides", {})}, out / "stage2" / expert["name"],
-                      seed, callbacks)
+                      seed, callbacks, bf16)
         meta = {"name": expert["name"], "modality": expert.get("modality"), "tasks": expert["tasks"],
                 "source": str(stage1_dir), "quantize_4bit": quantize, "steps": info["steps"]}
         main_only(unit, lambda: {**info, "path": str(_save_expert(model, meta, expert_dir))})
@@ -379,9 +391,10 @@ def run_pipeline(recipe, output_dir, *, quick: bool = False, callbacks=None, pro
     main_only("routing/stage3_init", lambda: _routing(init_dir, processor, eval_rows, recipe, out, "stage3_init"))
     if "stage3" not in state.done:
         set_seed(seed)
-        model = prepare_stage3(_load(init_dir, bool(s3.get("quantize_4bit", False))), s3.get("lora", {}))
-        data = build_mixture(s3["tasks"], "train", seed=seed, progress=progress)
-        info = _train(model, processor, data, s3, out / "stage3", seed, callbacks)
+        model = _load(init_dir, bool(s3.get("quantize_4bit", False)))
+        data = _stage_data(model, processor, s3["tasks"], recipe, dist, seed, progress)
+        model = prepare_stage3(model, s3.get("lora", {}))
+        info = _train(model, processor, data, s3, out / "stage3", seed, callbacks, bf16)
         main_only("stage3", lambda: {**info, "path": str(_export_stage3(model, init_dir, processor, final_dir,
                                                                         out / "stage3"))})
         del model
@@ -394,6 +407,26 @@ def run_pipeline(recipe, output_dir, *, quick: bool = False, callbacks=None, pro
             main_only(f"eval/{stage}/{bench}", lambda: _evaluate(path, bench, ev, out / "eval" / stage / bench))
     results = main_only("results", lambda: _write_results(state, recipe, out))
     return results
+
+
+def _stage_data(model, processor, tasks: dict, recipe: dict, dist, seed: int, progress: bool):
+    """A stage's training mixture; with `prestore_encoder_states` (default) each task's images / clips are replaced by
+    the frozen encoders' outputs, computed once into a cache shared by every stage and later run (main process
+    first, the others read the cache)."""
+    from .data.tasks import build_mixture
+    from .encoder_states import as_training_format, prestore_encoder_states
+
+    map_part = None
+    if recipe.get("prestore_encoder_states", True):
+        dtype = torch.bfloat16 if use_bf16(recipe.get("bf16", False)) else None
+
+        def map_part(part):
+            return prestore_encoder_states(model, processor, part, autocast_dtype=dtype,
+                                           cache_dir=recipe.get("cache_dir"))
+
+    with dist.main_process_first():
+        data = build_mixture(tasks, "train", seed=seed, progress=progress, map_part=map_part)
+    return as_training_format(data)
 
 
 def _build_base(build_uni_moe, m: dict, base_dir: Path) -> dict:

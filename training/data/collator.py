@@ -4,7 +4,9 @@ sampler that groups examples by modality and length.
 The collator renders each conversation with the processor's chat template, tokenises it with character offsets
 and labels only the tokens inside assistant turns (their text and the end-of-turn marker); the prompt, the media
 placeholders and the padding get -100. Offsets rather than a second tokenisation of the prompt: BPE can merge
-across the prompt/answer boundary, and offsets stay right whatever the tokenizer does there.
+across the prompt/answer boundary, and offsets stay right whatever the tokenizer does there. Rows may carry
+pre-stored encoder states (`training/encoder_states.py`) instead of raw media: they are batched as
+`image_encoder_states` / `audio_encoder_states`.
 """
 
 from __future__ import annotations
@@ -69,11 +71,14 @@ class UniMoEDataCollator:
             text, row_spans = self.render(row["messages"])
             texts.append(text)
             spans.append([(self._expanded_position(text, s), self._expanded_position(text, e)) for s, e in row_spans])
-        images = [im.convert("RGB") for row in rows for im in (row.get("images") or [])]
-        audio = [load_audio(a) for row in rows for a in (row.get("audio") or [])]
         self.processor.tokenizer.padding_side = "right"  # labels line up with the text; generation sets "left"
-        batch = self.processor(text=texts, images=images or None, audio=audio or None, return_offsets_mapping=True,
-                               padding=True)
+        if any(column in rows[0] for column in ("image_states", "audio_states")):
+            batch = self._tokenize_with_stored_states(rows, texts)
+        else:
+            images = [im.convert("RGB") for row in rows for im in (row.get("images") or [])]
+            audio = [load_audio(a) for row in rows for a in (row.get("audio") or [])]
+            batch = self.processor(text=texts, images=images or None, audio=audio or None,
+                                   return_offsets_mapping=True, padding=True)
         offsets = batch.pop("offset_mapping")  # (batch, seq, 2) character spans in the expanded texts
         if self.max_length is not None and batch["input_ids"].shape[1] > self.max_length:
             raise ValueError(f"a batch needs {batch['input_ids'].shape[1]} tokens, more than max_length="
@@ -88,6 +93,16 @@ class UniMoEDataCollator:
             labels[b, keep] = batch["input_ids"][b, keep]
         batch["labels"] = labels
         return dict(batch)
+
+    def _tokenize_with_stored_states(self, rows: list[dict], texts: list[str]) -> dict:
+        """Rows from `prestore_encoder_states`: the frozen encoders' outputs ride along instead of raw media."""
+        batch = dict(self.processor.tokenizer(self.processor.expand_placeholders(texts), padding=True,
+                                              return_tensors="pt", return_offsets_mapping=True))
+        for column, arg in (("image_states", "image_encoder_states"), ("audio_states", "audio_encoder_states")):
+            states = [np.asarray(row[column]) for row in rows if column in row and len(row[column])]
+            if states:
+                batch[arg] = torch.from_numpy(np.concatenate(states)).float()  # (items, encoder tokens, d)
+        return batch
 
 
 def modality_length_grouped_indices(modalities: list[str], lengths: list[int], batch_size: int, *, seed: int = 0,

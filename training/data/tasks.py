@@ -113,10 +113,14 @@ def build_task_dataset(task: str, split: str = "train", *, limit: int | None = N
     return datasets.Dataset.from_list(rows, features=FEATURES)
 
 
-def build_mixture(tasks: dict[str, int | None], split: str = "train", *, seed: int = 0,
-                  progress: bool = True) -> datasets.Dataset:
-    """Several tasks in one shuffled data set; `tasks` maps a task to its limit (see `build_task_dataset`)."""
+def build_mixture(tasks: dict[str, int | None], split: str = "train", *, seed: int = 0, progress: bool = True,
+                  map_part=None) -> datasets.Dataset:
+    """Several tasks in one shuffled data set; `tasks` maps a task to its limit (see `build_task_dataset`).
+    `map_part(dataset) -> dataset` is applied to each task's part first (e.g. `prestore_encoder_states`: per task, so
+    stages that share a task share its cache)."""
     parts = [build_task_dataset(task, split, limit=limit, progress=progress) for task, limit in tasks.items()]
+    if map_part is not None:
+        parts = [map_part(part) for part in parts]
     return datasets.concatenate_datasets(parts).shuffle(seed=seed).flatten_indices()
 
 
