@@ -86,13 +86,15 @@ def prestore_encoder_states(model, processor, dataset: datasets.Dataset, *, batc
             flat = [x for row in items for x in (row or [])]
             states = np.zeros((0, *shapes[m]), np.float16)
             if flat:
-                with torch.autocast(device.type, autocast_dtype, enabled=autocast_dtype is not None):
-                    if m == "image":
-                        pixels = processor.image_processor([im.convert("RGB") for im in flat], return_tensors="pt")
-                        states = inner.get_image_encoder_states(pixels["pixel_values"].to(device))
-                    else:
-                        mel = processor._audio_features([load_audio(a) for a in flat], None)
-                        states = inner.get_audio_encoder_states(mel.to(device))
+                # the processors outside autocast (Whisper's log-mel goes through numpy, which has no bfloat16)
+                if m == "image":
+                    inputs = processor.image_processor([im.convert("RGB") for im in flat], return_tensors="pt")
+                    inputs, run = inputs["pixel_values"], inner.get_image_encoder_states
+                else:
+                    inputs = processor._audio_features([load_audio(a) for a in flat], None)
+                    run = inner.get_audio_encoder_states
+                with torch.autocast(device.type, autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                    states = run(inputs.to(device))
                 states = states.float().cpu().numpy().astype(np.float16)
             counts = np.cumsum([0] + [len(row or []) for row in items])
             out[STATE_COLUMNS[m]] = [states[a:b] for a, b in zip(counts[:-1], counts[1:])]
