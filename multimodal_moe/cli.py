@@ -40,8 +40,12 @@ def _init(args):
     else:
         from .training.uni_moe_init import build_uni_moe
 
+        connectors = {"vision_connector_type": args.vision_connector, "vision_merge_size": args.vision_merge_size,
+                      "audio_connector_type": args.audio_connector, "audio_merge_size": args.audio_merge_size}
         path = build_uni_moe(llm=args.llm, vision=args.vision, audio=args.audio, num_experts=args.num_experts,
-                             top_k=args.top_k, output_dir=args.output_dir)
+                             top_k=args.top_k, output_dir=args.output_dir,
+                             audio_window_seconds=args.audio_window_seconds,
+                             **{k: v for k, v in connectors.items() if v is not None})
     del zoo
     print(path)
     return 0
@@ -127,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     uni.add_argument("--audio")
     uni.add_argument("--num-experts", type=int, default=4)
     uni.add_argument("--top-k", type=int, default=2)
+    uni.add_argument("--vision-connector", choices=["mlp", "qformer"], help="default: mlp (LLaVA)")
+    uni.add_argument("--vision-merge-size", type=int, help="mlp: k x k patches per LLM token (default 1)")
+    uni.add_argument("--audio-connector", choices=["mlp", "qformer"], help="default: qformer")
+    uni.add_argument("--audio-merge-size", type=int, help="mlp: k encoder frames per LLM token (default 1)")
+    uni.add_argument("--audio-window-seconds", type=int, help="a Whisper window shorter than 30 s")
     uni.add_argument("--output-dir", required=True)
     init.set_defaults(func=_init)
 

@@ -273,3 +273,16 @@ def test_two_processes_match_one(parts, tmp_path):
         losses[procs] = {unit: [h["loss"] for h in done[unit]["log"]] for unit in ("stage1", "stage2/image", "stage3")}
     for unit in losses[1]:
         assert losses[2][unit] == pytest.approx(losses[1][unit], rel=2e-3, abs=2e-3), unit
+
+
+def test_init_cli_builds_merge_connectors(parts, tmp_path, capsys):
+    from multimodal_moe.cli import main
+
+    assert main(["init", "uni-moe", "--llm", parts["llm"], "--vision", parts["vision"], "--audio", parts["audio"],
+                 "--vision-merge-size", "2", "--audio-connector", "mlp", "--audio-merge-size", "20",
+                 "--audio-window-seconds", "8", "--num-experts", "2", "--top-k", "1",
+                 "--output-dir", str(tmp_path / "m")]) == 0
+    config = UniMoEForConditionalGeneration.config_class.from_pretrained(tmp_path / "m")
+    processor = UniMoEProcessor.from_pretrained(tmp_path / "m")
+    assert (config.vision_merge_size, config.audio_merge_size, config.audio_seq_length) == (2, 20, 20)
+    assert (processor.image_seq_length, processor.audio_seq_length) == (config.image_seq_length, 20)
