@@ -201,7 +201,9 @@ def test_recipe_quick_overrides():
 
 def test_tiny_experiment_end_to_end(parts, tmp_path):
     recipe = {
-        "base": {**parts, "vision_num_query_tokens": 4, "audio_num_query_tokens": 4, "qformer_num_heads": 4},
+        "base": {**parts, "vision_connector_type": "mlp", "vision_merge_size": 2, "audio_connector_type": "mlp",
+                 "audio_merge_size": 20},
+        "cache_dir": str(tmp_path / "encoder-states"),
         "tasks": {"caption": {"train_limit": 10, "eval_limit": 5}, "classify": {"train_limit": 8, "eval_limit": 2},
                   "transcribe": {"train_limit": 10, "eval_limit": 5}},
         "train": {"steps": 3, "batch_size": 4, "warmup_steps": 0, "logging_steps": 1},
@@ -228,6 +230,7 @@ def test_tiny_experiment_end_to_end(parts, tmp_path):
     from PIL import Image
 
     assert Image.open(tmp_path / "results.png").format == "PNG"
+    assert list((tmp_path / "encoder-states").glob("encoder-states-*.arrow"))  # trained from pre-stored states
 
 
 def test_adapters_only_on_an_aligned_base(base_dir):

@@ -43,6 +43,7 @@ from transformers import Trainer, TrainingArguments
 
 from ..modeling.smola_layers import _smola_layers, smola_modality_ids
 from .data.collator import ModalityLengthGroupedSampler, UniMoEDataCollator, conversation_lengths
+from .uni_moe import use_bf16
 
 METHODS = ("smola", "lora")
 ARMS = ("smola", "lora", "specialists")
@@ -58,14 +59,15 @@ CONNECTORS = ("vision_connector", "audio_connector")
 
 DEFAULT_RECIPE = {
     "base": {"llm": "smollm2-135m", "vision": "dinov2-small", "audio": "whisper-tiny-en", "dir": None,
-             "vision_num_query_tokens": 16, "audio_num_query_tokens": 16, "audio_window_seconds": 8,
-             "qformer_num_heads": None},
+             "vision_connector_type": "mlp", "vision_merge_size": 4, "audio_connector_type": "mlp",
+             "audio_merge_size": 10, "vision_num_query_tokens": 16, "audio_num_query_tokens": 16,
+             "audio_window_seconds": 8, "qformer_num_heads": None},
     "tasks": {"caption": {"train_limit": 200, "eval_limit": 100},
               "classify": {"train_limit": 160, "eval_limit": 20},
               "transcribe": {"train_limit": 200, "eval_limit": 100}},
     "arms": list(ARMS),
     "train": {"steps": 60, "batch_size": 8, "lr": 1e-3, "weight_decay": 0.0, "warmup_steps": 5, "seed": 0,
-              "quantize_4bit": False, "logging_steps": 10},
+              "quantize_4bit": False, "logging_steps": 10, "bf16": False, "prestore_encoder_states": True},
     "smola": {"num_experts": 2, "r": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
               "expert_groups": ["text", "vision", "audio", "multimodal"], "shared_groups": ["multimodal"]},
     "lora": {"r": "match", "alpha_per_rank": 2.0, "dropout": 0.0},
@@ -323,11 +325,14 @@ def task_train_data(task: str, limit: int | None, *, progress: bool = False):
     return datasets.Dataset.from_list(rows, features=FEATURES)
 
 
-def task_mixture(tasks: dict, *, seed: int = 0, progress: bool = False):
-    """`task_train_data` of every task ({task: limit}), concatenated and shuffled."""
+def task_mixture(tasks: dict, *, seed: int = 0, progress: bool = False, map_part=None):
+    """`task_train_data` of every task ({task: limit}), concatenated and shuffled; `map_part(dataset)` is applied to
+    each task's part first (e.g. `prestore_encoder_states`)."""
     import datasets
 
     parts = [task_train_data(t, limit, progress=progress) for t, limit in tasks.items()]
+    if map_part is not None:
+        parts = [map_part(part) for part in parts]
     return datasets.concatenate_datasets(parts).shuffle(seed=seed).flatten_indices()
 
 
@@ -335,7 +340,7 @@ def train_multitask(base_dir, method: str, tasks, output_dir, *, train_data=None
                     batch_size: int = 8, lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 0,
                     seed: int = 0, quantize_4bit: bool = False, smola: dict | None = None, lora: dict | None = None,
                     logging_steps: int = 10, progress: bool = True, save: bool = False,
-                    train_connectors: bool = True):
+                    train_connectors: bool = True, bf16: bool = False):
     """Trains one arm on the mixture of `tasks` and returns (model, processor, info).
 
     base_dir: a dense Uni-MoE folder (`build_uni_moe(..., moe_layers=[])`). method: "smola" or "lora".
@@ -355,7 +360,7 @@ def train_multitask(base_dir, method: str, tasks, output_dir, *, train_data=None
         learning_rate=float(lr), weight_decay=float(weight_decay), warmup_steps=int(warmup_steps),
         lr_scheduler_type="linear", logging_steps=max(1, int(logging_steps)), save_strategy="no", report_to=[],
         remove_unused_columns=False, dataloader_num_workers=0, dataloader_pin_memory=False, seed=seed,
-        disable_tqdm=not progress, use_cpu=not torch.cuda.is_available(), logging_strategy="steps",
+        disable_tqdm=not progress, use_cpu=not torch.cuda.is_available(), logging_strategy="steps", bf16=bf16,
     )
     trainer = OmniSMoLATrainer(model=model, args=args, train_dataset=train_data,
                                data_collator=UniMoEDataCollator(processor))
@@ -418,10 +423,15 @@ def build_base(recipe: dict, output_dir) -> str:
     if (path / "config.json").is_file() and (path / "processor_config.json").is_file():
         return str(path)
     extra = {"qformer_num_heads": base["qformer_num_heads"]} if base.get("qformer_num_heads") else {}
+    for modality in ("vision", "audio"):
+        kind = base.get(f"{modality}_connector_type", "qformer")
+        extra[f"{modality}_connector_type"] = kind
+        if kind == "qformer":
+            extra[f"{modality}_num_query_tokens"] = base[f"{modality}_num_query_tokens"]
+        else:
+            extra[f"{modality}_merge_size"] = base.get(f"{modality}_merge_size", 1)
     torch.manual_seed(recipe["train"].get("seed", 0))
     build_uni_moe(base["llm"], base.get("vision"), base.get("audio"), output_dir=str(path), moe_layers=[],
-                  vision_connector_type="qformer", vision_num_query_tokens=base["vision_num_query_tokens"],
-                  audio_connector_type="qformer", audio_num_query_tokens=base["audio_num_query_tokens"],
                   audio_window_seconds=base.get("audio_window_seconds"), chat_template="chatml", **extra)
     return str(path)
 
@@ -457,7 +467,21 @@ def run_multitask_experiment(recipe, output_dir, quick: bool = False, progress: 
     bar = tqdm(total=len(stages), desc="smola experiment", disable=not progress)
     bar.set_postfix_str("building the base and the data")
     base_dir = build_base(recipe, out)
-    mixture = task_mixture({t: spec.get("train_limit") for t, spec in tasks.items()}, seed=seed)
+    map_part = None
+    if train.get("prestore_encoder_states", True):  # the frozen encoders run once, not in every arm's every step
+        from .encoder_states import as_training_format, prestore_encoder_states
+
+        encoders, processor = _load_base(base_dir, False)
+        dtype = torch.bfloat16 if use_bf16(train.get("bf16", False)) else None
+
+        def map_part(part):
+            return prestore_encoder_states(encoders, processor, part, autocast_dtype=dtype,
+                                           cache_dir=recipe.get("cache_dir"))
+
+    mixture = task_mixture({t: spec.get("train_limit") for t, spec in tasks.items()}, seed=seed, map_part=map_part)
+    if map_part is not None:
+        mixture = as_training_format(mixture)
+        del encoders
     eval_data = {t: BENCHMARKS[TASK_BENCHMARKS[t][0]].load(spec.get("eval_limit")) for t, spec in tasks.items()}
     bar.update(1)
     counts = {t: sum(1 for x in mixture["task"] if x == t) for t in tasks}
@@ -471,7 +495,8 @@ def run_multitask_experiment(recipe, output_dir, quick: bool = False, progress: 
     common = dict(batch_size=train["batch_size"], lr=train["lr"], weight_decay=train.get("weight_decay", 0.0),
                   warmup_steps=train.get("warmup_steps", 0), seed=seed, quantize_4bit=train.get("quantize_4bit", False),
                   smola=recipe["smola"], lora=recipe["lora"], logging_steps=train.get("logging_steps", 10),
-                  progress=progress, train_connectors=train.get("connectors", True))
+                  progress=progress, train_connectors=train.get("connectors", True),
+                  bf16=use_bf16(train.get("bf16", False)))
     ev = dict(batch_size=recipe["eval"]["batch_size"], max_new_tokens=recipe["eval"].get("max_new_tokens"))
     arms = {}
     for arm in recipe["arms"]:
