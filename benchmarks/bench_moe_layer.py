@@ -40,12 +40,6 @@ def scaled(shape):
     return hidden // 8, ffn // 8, experts, top_k, tokens // 16
 
 
-
-
-
-
-
-
 class DenseSwiGLU(torch.nn.Module):
     """A dense FFN with intermediate k * ffn: the same FLOPs as k active experts of width ffn."""
 
