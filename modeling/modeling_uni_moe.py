@@ -270,13 +270,14 @@ class UniMoEPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        model = super().from_pretrained(*args, **kwargs)
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True gives (model, info)
         # Loading swaps in new parameters (built on the meta device), which forgets the encoders' requires_grad=False.
         if model.config.freeze_encoders:
             for module in model.modules():
                 if isinstance(module, UniMoEModel):
                     module.freeze_encoders()
-        return model
+        return loaded
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # `register_for_auto_class` keeps one Auto class per model class, so `auto_map` would only name the last one

@@ -529,3 +529,5 @@ def test_loaded_model_keeps_its_encoders_frozen(tmp_path):
     for tower in (loaded.model.vision_tower, loaded.model.audio_tower):
         assert not any(p.requires_grad for p in tower.parameters())
     assert all(p.requires_grad for p in loaded.model.language_model.parameters())
+    loaded, info = UniMoEForConditionalGeneration.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not any(p.requires_grad for p in loaded.model.vision_tower.parameters())
