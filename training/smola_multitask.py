@@ -542,7 +542,8 @@ def run_multitask_experiment(recipe, output_dir, quick: bool = False, progress: 
         "train_examples": counts,
         "eval_examples": {t: len(d) for t, d in eval_data.items()},
         "eval_answers_seen_in_training": overlap,
-        "fairness": FAIRNESS_RULE,
+        "fairness": FAIRNESS_RULE if train.get("connectors", True) else FAIRNESS_RULE.replace(
+            "same initial connectors (trained in every arm)", "same aligned connectors (frozen in every arm)"),
         "arms": arms,
         "wall_seconds": round(time.time() - started, 1),
         "machine": f"{platform.machine()}, torch {torch.__version__}, "
