@@ -99,9 +99,10 @@ def test_prestored_encoder_states_match_the_encoders_and_the_raw_batch(parts, tm
     assert again.cache_files[0]["filename"].startswith(str(tmp_path / "c"))
     # bfloat16 autocast (what `bf16: auto` uses on a CPU with AMX): the processors stay outside it
     speech = build_task_dataset("transcribe", "train", limit=6, progress=False)
-    bf16 = as_training_format(prestore_encoder_states(model, processor, speech, cache_dir=tmp_path / "bf16",
+    bf16 = as_training_format(prestore_encoder_states(model, processor, speech, cache_dir=tmp_path / "p",
                                                       autocast_dtype=torch.bfloat16))
-    fp32 = as_training_format(prestore_encoder_states(model, processor, speech, cache_dir=tmp_path / "fp32"))
+    fp32 = as_training_format(prestore_encoder_states(model, processor, speech, cache_dir=tmp_path / "p"))
+    assert bf16.cache_files[0]["filename"] != fp32.cache_files[0]["filename"]  # the precision is part of the key
     a, b = torch.from_numpy(bf16[0]["audio_states"]), torch.from_numpy(fp32[0]["audio_states"])
     assert a.shape == b.shape and (a - b).norm() / b.norm() < 0.05
     model.model.vision_tower.requires_grad_(True)

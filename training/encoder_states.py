@@ -33,7 +33,8 @@ def _encoders(model):
     return inner, {"image": inner.vision_tower, "audio": inner.audio_tower}
 
 
-def encoder_states_key(model, processor, dataset: datasets.Dataset, modality: str) -> str:
+def encoder_states_key(model, processor, dataset: datasets.Dataset, modality: str,
+                       autocast_dtype: torch.dtype | None = None) -> str:
     """A hash of everything that determines the stored `modality` states of `dataset`."""
     inner, towers = _encoders(model)
     cfg = inner.config
@@ -47,6 +48,7 @@ def encoder_states_key(model, processor, dataset: datasets.Dataset, modality: st
         "processor": part.to_dict(),
         "weights": _weights_digest(towers[modality]),
         "data": dataset._fingerprint,
+        "autocast": str(autocast_dtype),
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
@@ -102,8 +104,8 @@ def prestore_encoder_states(model, processor, dataset: datasets.Dataset, *, batc
 
     # One cache file per data set and encoder weights; datasets writes it under a temporary name and renames it, so an
     # interrupted run leaves nothing half-written and the next run picks the finished file up.
-    key = hashlib.sha256("-".join(encoder_states_key(model, processor, dataset, m) for m in modalities).encode())
-    key = key.hexdigest()[:20]
+    keys = "-".join(encoder_states_key(model, processor, dataset, m, autocast_dtype) for m in modalities)
+    key = hashlib.sha256(keys.encode()).hexdigest()[:20]
     modes = {m: towers[m].training for m in modalities}
     for m in modalities:
         towers[m].eval()  # no dropout in what is stored
