@@ -67,7 +67,7 @@ DEFAULT_RECIPE = {
               "transcribe": {"train_limit": 200, "eval_limit": 100}},
     "arms": list(ARMS),
     "train": {"steps": 60, "batch_size": 8, "lr": 1e-3, "weight_decay": 0.0, "warmup_steps": 5, "seed": 0,
-              "quantize_4bit": False, "logging_steps": 10, "bf16": False, "prestore_encoder_states": True},
+              "quantize_4bit": False, "logging_steps": 10, "bf16": "auto", "prestore_encoder_states": True},
     "smola": {"num_experts": 2, "r": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
               "expert_groups": ["text", "vision", "audio", "multimodal"], "shared_groups": ["multimodal"]},
     "lora": {"r": "match", "alpha_per_rank": 2.0, "dropout": 0.0},
@@ -467,12 +467,13 @@ def run_multitask_experiment(recipe, output_dir, quick: bool = False, progress: 
     bar = tqdm(total=len(stages), desc="smola experiment", disable=not progress)
     bar.set_postfix_str("building the base and the data")
     base_dir = build_base(recipe, out)
+    bf16 = use_bf16(train.get("bf16", "auto"))
     map_part = None
     if train.get("prestore_encoder_states", True):  # the frozen encoders run once, not in every arm's every step
         from .encoder_states import as_training_format, prestore_encoder_states
 
         encoders, processor = _load_base(base_dir, False)
-        dtype = torch.bfloat16 if use_bf16(train.get("bf16", False)) else None
+        dtype = torch.bfloat16 if bf16 else None
 
         def map_part(part):
             return prestore_encoder_states(encoders, processor, part, autocast_dtype=dtype,
@@ -496,7 +497,7 @@ def run_multitask_experiment(recipe, output_dir, quick: bool = False, progress: 
                   warmup_steps=train.get("warmup_steps", 0), seed=seed, quantize_4bit=train.get("quantize_4bit", False),
                   smola=recipe["smola"], lora=recipe["lora"], logging_steps=train.get("logging_steps", 10),
                   progress=progress, train_connectors=train.get("connectors", True),
-                  bf16=use_bf16(train.get("bf16", False)))
+                  bf16=bf16)
     ev = dict(batch_size=recipe["eval"]["batch_size"], max_new_tokens=recipe["eval"].get("max_new_tokens"))
     arms = {}
     for arm in recipe["arms"]:

@@ -223,7 +223,8 @@ def _training_args(stage: dict, output_dir: Path, seed: int, bf16: bool = False)
     )
 
 
-def _train(model, processor, data, stage: dict, output_dir: Path, seed: int, callbacks=None, bf16: bool = False) -> dict:
+def _train(model, processor, data, stage: dict, output_dir: Path, seed: int, callbacks=None,
+           bf16: bool = False) -> dict:
     """One Trainer run, resumed from the last checkpoint in output_dir/checkpoints if there is one."""
     checkpoints = output_dir / "checkpoints"
     if stage.get("deepspeed") and json.loads(Path(stage["deepspeed"]).read_text())["zero_optimization"]["stage"] == 3:
@@ -319,7 +320,7 @@ def run_pipeline(recipe, output_dir, *, quick: bool = False, callbacks=None, pro
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     seed = int(recipe.get("seed", 0))
-    bf16 = use_bf16(recipe.get("bf16", False))
+    bf16 = use_bf16(recipe.get("bf16", "auto"))  # "auto" kept the GPU default (bf16) of earlier versions
     state = _State(out, recipe) if dist.is_main_process else None
     dist.wait_for_everyone()
     if not dist.is_main_process:
@@ -348,7 +349,7 @@ def run_pipeline(recipe, output_dir, *, quick: bool = False, callbacks=None, pro
     if "stage1" not in state.done:
         set_seed(seed)
         model = prepare_stage1(_load(base_dir, False))
-        data = _stage_data(model, processor, s1["tasks"], recipe, dist, seed, progress)
+        data = _stage_data(model, processor, s1["tasks"], recipe, dist, seed, progress, bf16)
         info = _train(model, processor, data, s1, out / "stage1", seed, callbacks, bf16)
         main_only("stage1", lambda: {**info, "path": str(_save_model(model, processor, stage1_dir))})
         del model
@@ -370,7 +371,7 @@ def run_pipeline(recipe, output_dir, *, quick: bool = False, callbacks=None, pro
                                      lora_dropout=lora.get("dropout", 0.05), targets="ffn", trainable=())
         else:
             model = prepare_stage2(model)
-        data = _stage_data(model, processor, expert["tasks"], recipe, dist, seed, progress)
+        data = _stage_data(model, processor, expert["tasks"], recipe, dist, seed, progress, bf16)
         info = _train(model, processor, data, {**s2, **expert.get("overrides", {})}, out / "stage2" / expert["name"],
                       seed, callbacks, bf16)
         meta = {"name": expert["name"], "modality": expert.get("modality"), "tasks": expert["tasks"],
@@ -392,7 +393,7 @@ def run_pipeline(recipe, output_dir, *, quick: bool = False, callbacks=None, pro
     if "stage3" not in state.done:
         set_seed(seed)
         model = _load(init_dir, bool(s3.get("quantize_4bit", False)))
-        data = _stage_data(model, processor, s3["tasks"], recipe, dist, seed, progress)
+        data = _stage_data(model, processor, s3["tasks"], recipe, dist, seed, progress, bf16)
         model = prepare_stage3(model, s3.get("lora", {}))
         info = _train(model, processor, data, s3, out / "stage3", seed, callbacks, bf16)
         main_only("stage3", lambda: {**info, "path": str(_export_stage3(model, init_dir, processor, final_dir,
@@ -409,7 +410,7 @@ def run_pipeline(recipe, output_dir, *, quick: bool = False, callbacks=None, pro
     return results
 
 
-def _stage_data(model, processor, tasks: dict, recipe: dict, dist, seed: int, progress: bool):
+def _stage_data(model, processor, tasks: dict, recipe: dict, dist, seed: int, progress: bool, bf16: bool):
     """A stage's training mixture; with `prestore_encoder_states` (default) each task's images / clips are replaced by
     the frozen encoders' outputs, computed once into a cache shared by every stage and later run (main process
     first, the others read the cache)."""
@@ -418,7 +419,7 @@ def _stage_data(model, processor, tasks: dict, recipe: dict, dist, seed: int, pr
 
     map_part = None
     if recipe.get("prestore_encoder_states", True):
-        dtype = torch.bfloat16 if use_bf16(recipe.get("bf16", False)) else None
+        dtype = torch.bfloat16 if bf16 else None
 
         def map_part(part):
             return prestore_encoder_states(model, processor, part, autocast_dtype=dtype,
